@@ -1,0 +1,107 @@
+"""Prometheus metrics (SPEC §8), one registry per middleware so that several instances (and
+tests) never collide. Label children are resolved once per model and cached: the per-request
+path must not pay for label lookups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_SWITCH_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 90, 120, 180, 300, 600, 900)
+
+
+@dataclass
+class ModelMetrics:
+    """The label children of one model, resolved once."""
+
+    duration: Histogram
+    in_flight: Gauge
+    waiting: Gauge
+    by_status: dict[int, Counter] = field(default_factory=dict)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "vllm_chill_requests",
+            "Requests answered, by model and HTTP status.",
+            ["model", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "vllm_chill_request_duration_seconds",
+            "Time from request to the end of the response, by model.",
+            ["model"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "vllm_chill_requests_in_flight",
+            "Requests being served, by model.",
+            ["model"],
+            registry=r,
+        )
+        self.waiting = Gauge(
+            "vllm_chill_requests_waiting",
+            "Requests held while their model loads, by model.",
+            ["model"],
+            registry=r,
+        )
+        self.switches = Counter(
+            "vllm_chill_model_switches",
+            "Model loads, by previous model, new model and result.",
+            ["from_model", "to_model", "result"],
+            registry=r,
+        )
+        self.switch_duration = Histogram(
+            "vllm_chill_switch_duration_seconds",
+            "Time a load took, by model and result.",
+            ["model", "result"],
+            buckets=_SWITCH_BUCKETS,
+            registry=r,
+        )
+        self.active_model = Gauge(
+            "vllm_chill_active_model",
+            "1 for the model loaded and ready, else 0.",
+            ["model"],
+            registry=r,
+        )
+        self.scale_events = Counter(
+            "vllm_chill_scale_events",
+            "Scale-ups from zero and scale-downs to zero.",
+            ["direction", "reason"],
+            registry=r,
+        )
+        self._models: dict[str, ModelMetrics] = {}
+
+    def model(self, name: str) -> ModelMetrics:
+        found = self._models.get(name)
+        if found is None:
+            found = ModelMetrics(
+                duration=self.request_duration.labels(name),
+                in_flight=self.in_flight.labels(name),
+                waiting=self.waiting.labels(name),
+            )
+            self._models[name] = found
+        return found
+
+    def count_request(self, name: str, status: int) -> None:
+        model = self.model(name)
+        counter = model.by_status.get(status)
+        if counter is None:
+            counter = model.by_status[status] = self.requests.labels(name, str(status))
+        counter.inc()
+
+    def set_active(self, name: str | None, known: list[str]) -> None:
+        for other in known:
+            self.active_model.labels(other).set(1 if other == name else 0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,608 @@
+"""`ModelSwitchMiddleware`: the pure ASGI application in front of the models (SPEC §1, §3).
+
+It owns the request path: routing, authentication, reading the model out of the body, asking
+the switcher for a slot on a ready model, and relaying to it. No framework runs per request;
+the few JSON answers it makes itself are built with the standard library.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from .asgi import ASGIApp, Message, Receive, Scope, Send, header, send_json, send_text
+from .backends.base import Backend
+from .errors import error_response, loading_message
+from .extract import BadRequest, model_from_json, model_from_multipart
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .model import VLLMModel
+from .options import ProxyOptions
+from .registry import ModelRegistry
+from .scheduler.core import ModelState
+from .scheduler.switcher import Lease, Switcher, SwitchRefused
+from .upstream import UpstreamClient, UpstreamUnavailable
+
+log = logging.getLogger("vllm_chill.proxy")
+
+#: POST paths whose JSON body names the model (SPEC §3.1); any other POST /v1/* carrying
+#: "model" is routed too.
+MODEL_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/messages",
+        "/v1/rerank",
+        "/v1/score",
+        "/v1/pooling",
+        "/tokenize",
+        "/detokenize",
+        "/rerank",
+        "/score",
+        "/pooling",
+        "/classify",
+        "/v1/classify",
+        "/v2/rerank",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+    }
+)
+#: vLLM's operator endpoints: never forwarded from clients (SPEC §3.1).
+OPERATOR_PATHS = frozenset(
+    {
+        "/sleep",
+        "/wake_up",
+        "/is_sleeping",
+        "/collective_rpc",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+        "/reset_prefix_cache",
+        "/reset_mm_cache",
+        "/start_profile",
+        "/stop_profile",
+        "/scale_elastic_ep",
+        "/is_scaling_elastic_ep",
+        "/server_info",
+        "/update_weights",
+        "/init_weight_transfer",
+        "/pause",
+        "/resume",
+        "/is_paused",
+    }
+)
+#: Paths this middleware answers itself even when it wraps an inner app.
+_OWN_EXACT = frozenset({"/health", "/readyz", "/metrics", "/tokenize", "/detokenize"})
+
+_HEALTH_BODY = b"OK"
+
+
+def _route_path(scope: Scope) -> str:
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    return path
+
+
+def _upstream_path(scope: Scope, route_path: str) -> str:
+    """The path as the client encoded it (so `%3F` stays data), minus any mount prefix."""
+    raw = scope.get("raw_path")
+    if not raw:
+        return route_path
+    text = bytes(raw).decode("latin-1")
+    root: str = scope.get("root_path", "")
+    if root and text.startswith(root):
+        text = text[len(root) :] or "/"
+    return text
+
+
+def _has_dot_segment(path: str) -> bool:
+    return "/./" in path or "/../" in path or path.endswith(("/.", "/.."))
+
+
+class ModelSwitchMiddleware:
+    """One OpenAI-compatible endpoint in front of many models; see the README."""
+
+    def __init__(
+        self,
+        app: ASGIApp | None = None,
+        *,
+        registry: ModelRegistry,
+        backend: Backend,
+        metrics: Metrics | None = None,
+        **options: Any,
+    ) -> None:
+        self.app = app
+        self.registry = registry
+        self.backend = backend
+        self.options = ProxyOptions(**options)
+        self.metrics = metrics or Metrics()
+        self.switcher = Switcher(backend, registry, self.options, self.metrics)
+        self._api_keys = tuple(k.encode() for k in self.options.api_keys)
+        self._admin_token = (self.options.admin_token or "").encode()
+        self._upstream: UpstreamClient | None = None
+        self._created = int(time.time())
+
+    # --- ASGI entry -----------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+        elif self.app is not None:
+            await self.app(scope, receive, send)
+
+    # --- lifespan -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[ModelSwitchMiddleware]:
+        """Start the registry, the backend and the switcher; stop them on exit.
+
+        ASGI servers do this through `lifespan`; use it directly when the middleware is
+        mounted inside a framework that does not forward lifespan to mounted apps."""
+        async with AsyncExitStack() as stack:
+            await self.registry.start()
+            stack.push_async_callback(self.registry.stop)
+            self._upstream = UpstreamClient(
+                connect_timeout=self.options.upstream_connect_timeout,
+                upstream_api_key=self.options.upstream_api_key,
+                strip_client_auth=bool(self._api_keys),
+            )
+            stack.push_async_callback(self._upstream.aclose)
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            await tg.start(self.switcher.run)
+            log.info(
+                "vllm-chill ready: %d models defined, options %r",
+                len(self.registry.models()),
+                self.options,
+            )
+            try:
+                yield self
+            finally:
+                tg.cancel_scope.cancel()
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        startup = await receive()
+        async with AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(self.running())
+            except Exception as exc:
+                log.error("start-up failed: %s", exc)
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+            if self.app is None:
+                await send({"type": "lifespan.startup.complete"})
+                await receive()  # lifespan.shutdown
+                await stack.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+            await self._inner_lifespan(scope, startup, receive, send, stack)
+
+    async def _inner_lifespan(
+        self, scope: Scope, startup: Message, receive: Receive, send: Send, stack: AsyncExitStack
+    ) -> None:
+        """Forward lifespan to the inner app; our own shutdown runs after the inner app's,
+        before the server hears that shutdown completed."""
+        assert self.app is not None
+        replayed = False
+        started = False
+        deferred: list[Message] = []
+
+        async def inner_receive() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return startup
+            return await receive()
+
+        async def inner_send(message: Message) -> None:
+            nonlocal started
+            if message["type"].startswith("lifespan.shutdown"):
+                deferred.append(message)
+                return
+            if message["type"] == "lifespan.startup.complete":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, inner_receive, inner_send)
+        except Exception as exc:
+            if started:
+                raise
+            # The inner app does not do lifespan (or broke at start): serve without it.
+            log.debug("inner app does not handle lifespan: %s", exc)
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            deferred.append({"type": "lifespan.shutdown.complete"})
+        await stack.aclose()
+        for message in deferred or [{"type": "lifespan.shutdown.complete"}]:
+            await send(message)
+
+    # --- routing --------------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = _route_path(scope)
+        method: str = scope["method"]
+        if path in MODEL_PATHS:
+            if method == "POST":
+                await self._proxy(scope, receive, send, path)
+            else:
+                await self._not_allowed(send)
+            return
+        if path.startswith("/v1/"):
+            await self._v1(scope, receive, send, path, method)
+            return
+        if path in OPERATOR_PATHS:
+            await self._not_found(send, path)
+            return
+        if path.startswith("/proxy/"):
+            await self._admin(scope, receive, send, path, method)
+            return
+        if path in _OWN_EXACT and method in ("GET", "HEAD"):
+            await self._service(send, path)
+            return
+        if self.app is not None:
+            await self.app(scope, receive, send)
+            return
+        await self._not_found(send, path)
+
+    async def _v1(self, scope: Scope, receive: Receive, send: Send, path: str, method: str) -> None:
+        if path in OPERATOR_PATHS or _has_dot_segment(path):
+            await self._not_found(send, path)
+            return
+        if path == "/v1/models" or path.startswith("/v1/models/"):
+            if method != "GET":
+                await self._not_allowed(send)
+            elif self._authorized(scope, self._api_keys):
+                await self._list_models(send, path[len("/v1/models/") :] or None)
+            else:
+                await self._unauthorized(send)
+            return
+        if method == "POST":
+            await self._proxy(scope, receive, send, path)
+        elif self.app is not None:
+            await self.app(scope, receive, send)
+        else:
+            await self._not_found(send, path)
+
+    # --- the proxied request --------------------------------------------------------------
+
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        if self._api_keys and not self._authorized(scope, self._api_keys):
+            await self._unauthorized(send)
+            return
+        body = await self._read_body(scope, receive, send)
+        if body is None:
+            return
+        content_type = header(scope, b"content-type") or b""
+        try:
+            if content_type.lower().startswith(b"multipart/form-data"):
+                name = model_from_multipart(body, content_type)
+            else:
+                name = model_from_json(body)
+        except BadRequest as exc:
+            await error_response(send, 400, "invalid_request", exc.message, param=exc.param)
+            return
+        if name is None:
+            if path in MODEL_PATHS:
+                await error_response(
+                    send,
+                    400,
+                    "invalid_request",
+                    "You must provide a model parameter.",
+                    param="model",
+                )
+            else:
+                await self._not_found(send, path)
+            return
+        model = self.registry.get(name)
+        if model is None:
+            await self._model_not_found(send, name)
+            return
+        await self._serve(scope, receive, send, path, model, body)
+
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, path: str, model: VLLMModel, body: bytes
+    ) -> None:
+        """Hold (if allowed) until the model is ready, then relay; watch for the client
+        leaving the whole time so that its wait or upstream request ends at once."""
+        name = model.served_model_name
+        started = time.monotonic()
+        status = 499  # client closed request, unless we learn better
+        exchange = _Exchange(send)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(exchange.cancel_on_disconnect, receive, tg.cancel_scope)
+            try:
+                lease = await self.switcher.acquire(name, self.options.max_wait)
+            except SwitchRefused as refused:
+                await self._refused(exchange.send, refused)
+                status = 503
+            else:
+                status = await self._relay(scope, exchange.send, path, body, lease)
+            tg.cancel_scope.cancel()
+        self.metrics.count_request(name, status)
+        self.metrics.model(name).duration.observe(time.monotonic() - started)
+
+    async def _relay(self, scope: Scope, send: Send, path: str, body: bytes, lease: Lease) -> int:
+        gauge = self.metrics.model(lease.model).in_flight
+        gauge.inc()
+        status = 499
+        try:
+            with lease.scope:
+                upstream = lease.upstream
+                assert self._upstream is not None
+                try:
+                    status = await self._upstream.forward(
+                        scope,
+                        send,
+                        base_url=upstream.base_url,
+                        path=_upstream_path(scope, path),
+                        body=body,
+                        extra_headers=upstream.headers,
+                    )
+                except UpstreamUnavailable as exc:
+                    log.warning("upstream unavailable model=%s: %s", lease.model, exc)
+                    status = 502
+                    await error_response(
+                        send,
+                        502,
+                        "upstream_unavailable",
+                        f"The server for model '{lease.model}' is not reachable.",
+                    )
+            if lease.scope.cancelled_caught:
+                log.warning("request cut by switch drain timeout model=%s", lease.model)
+        finally:
+            gauge.dec()
+            self.switcher.finish(lease)
+        return status
+
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        limit = self.options.max_body_size
+        declared = header(scope, b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > limit
+            except ValueError:
+                await error_response(send, 400, "invalid_request", "Invalid Content-Length.")
+                return None
+            if too_big:
+                await self._too_large(send)
+                return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk: bytes = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    await self._too_large(send)
+                    return None
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    # --- answers --------------------------------------------------------------------------
+
+    async def _refused(self, send: Send, refused: SwitchRefused) -> None:
+        name = refused.model
+        if refused.kind == "loading":
+            status = self.switcher.status()
+            elapsed = status["phase_seconds"] if status["active_model"] == name else 0.0
+            await error_response(
+                send,
+                503,
+                "model_switching_in_progress",
+                loading_message(name),
+                type_="model_loading",
+                retry_after=refused.retry_after,
+                model=name,
+                phase=(status["progress"] or status["phase"])
+                if status["active_model"] == name
+                else "queued",
+                elapsed_seconds=round(elapsed, 1),
+                estimated_seconds_remaining=refused.retry_after,
+            )
+        elif refused.kind == "failed":
+            await error_response(
+                send,
+                503,
+                "model_switch_failed",
+                f"Model '{name}' failed to load: {refused.reason}",
+                retry_after=refused.retry_after,
+                model=name,
+            )
+        elif refused.kind == "too_many_waiting":
+            await error_response(
+                send,
+                503,
+                "too_many_waiting",
+                f"Too many requests are waiting for models to load; retry model '{name}' later.",
+                retry_after=refused.retry_after,
+                model=name,
+            )
+        else:
+            await error_response(
+                send,
+                503,
+                "not_ready",
+                "vllm-chill is not running (was ASGI lifespan started?).",
+                retry_after=refused.retry_after,
+            )
+
+    async def _model_not_found(self, send: Send, name: str) -> None:
+        await error_response(
+            send, 404, "model_not_found", f"The model '{name}' does not exist.", param="model"
+        )
+
+    async def _not_found(self, send: Send, path: str) -> None:
+        await error_response(send, 404, "not_found", "Not found.")
+
+    async def _not_allowed(self, send: Send) -> None:
+        await error_response(send, 405, "method_not_allowed", "Method not allowed.")
+
+    async def _too_large(self, send: Send) -> None:
+        await error_response(
+            send,
+            413,
+            "request_too_large",
+            f"The request body is larger than {self.options.max_body_size} bytes.",
+        )
+
+    async def _unauthorized(self, send: Send) -> None:
+        await error_response(
+            send, 401, "invalid_api_key", "Missing or incorrect API key (Authorization: Bearer)."
+        )
+
+    def _authorized(self, scope: Scope, keys: tuple[bytes, ...]) -> bool:
+        if not keys:
+            return True
+        value = header(scope, b"authorization") or b""
+        scheme, _, token = value.partition(b" ")
+        token = token.strip()
+        if scheme.lower() != b"bearer" or not token:
+            return False
+        matched = False
+        for key in keys:  # compare with every key: the time taken says nothing about which
+            matched |= hmac.compare_digest(token, key)
+        return matched
+
+    # --- service and admin endpoints ------------------------------------------------------
+
+    async def _service(self, send: Send, path: str) -> None:
+        if path == "/health":
+            await send_text(send, 200, "OK", b"text/plain; charset=utf-8")
+        elif path == "/readyz":
+            ready = self.switcher.running and self.registry.ready()
+            if ready:
+                try:
+                    with anyio.fail_after(5):
+                        ready = await self.backend.check()
+                except Exception:
+                    ready = False
+            await send_text(
+                send,
+                200 if ready else 503,
+                "ready" if ready else "not ready",
+                b"text/plain; charset=utf-8",
+            )
+        elif path == "/metrics":
+            await send_text(send, 200, self.metrics.render().decode(), CONTENT_TYPE_LATEST.encode())
+        else:
+            await self._not_found(send, path)
+
+    def _model_entry(self, model: VLLMModel) -> dict[str, Any]:
+        state = self.switcher.state_of(model.served_model_name)
+        return {
+            "id": model.served_model_name,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "vllm-chill",
+            "root": model.model_name,
+            "max_model_len": model.max_model_len,
+            "state": state.value,
+        }
+
+    async def _list_models(self, send: Send, model_id: str | None) -> None:
+        if model_id is None:
+            data = [self._model_entry(m) for m in self.registry.models()]
+            await send_json(send, 200, json.dumps({"object": "list", "data": data}).encode())
+            return
+        model = self.registry.get(model_id)
+        if model is None:
+            await self._model_not_found(send, model_id[:256])
+            return
+        await send_json(send, 200, json.dumps(self._model_entry(model)).encode())
+
+    async def _admin(
+        self, scope: Scope, receive: Receive, send: Send, path: str, method: str
+    ) -> None:
+        keys = (self._admin_token,) if self._admin_token else self._api_keys
+        if not self._authorized(scope, keys):
+            await self._unauthorized(send)
+            return
+        if path == "/proxy/status" and method == "GET":
+            await send_json(send, 200, json.dumps(self.switcher.status()).encode())
+        elif path == "/proxy/models" and method == "GET":
+            models = [
+                {**self._model_entry(m), "name": m.name, "spec": m.describe()}
+                for m in self.registry.models()
+            ]
+            await send_json(send, 200, json.dumps({"object": "list", "data": models}).encode())
+        elif path == "/proxy/models/switch" and method == "POST":
+            await self._admin_switch(scope, receive, send)
+        elif path == "/proxy/unload" and method == "POST":
+            if not self.switcher.running:
+                await self._refused(send, SwitchRefused("not_running", "", 5))
+            elif self.switcher.request_unload():
+                await send_json(send, 202, b'{"status":"unloading"}')
+            else:
+                await error_response(
+                    send, 409, "load_in_progress", "A load is in progress; unload after it ends."
+                )
+        else:
+            await self._not_found(send, path)
+
+    async def _admin_switch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await self._read_body(scope, receive, send)
+        if body is None:
+            return
+        try:
+            name = model_from_json(body)
+        except BadRequest as exc:
+            await error_response(send, 400, "invalid_request", exc.message, param=exc.param)
+            return
+        if name is None:
+            await error_response(
+                send, 400, "invalid_request", "You must provide a model parameter.", param="model"
+            )
+            return
+        if self.registry.get(name) is None:
+            await self._model_not_found(send, name)
+            return
+        if not self.switcher.running:
+            await self._refused(send, SwitchRefused("not_running", name, 5))
+            return
+        state = self.switcher.request_switch(name)
+        status = 200 if state is ModelState.LOADED else 202
+        await send_json(send, status, json.dumps({"model": name, "state": state.value}).encode())
+
+
+class _Exchange:
+    """Tracks whether the response is complete, so that the disconnect watcher never cancels
+    the clean-up after a finished response (ASGI servers report `http.disconnect` once the
+    response is complete, too)."""
+
+    __slots__ = ("_send", "done")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.done = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.done = True
+        await self._send(message)
+
+    async def cancel_on_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
+        """The body was read already, so the next message can only be the client leaving."""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not self.done:
+                    scope.cancel()
+                return

@@ -1,0 +1,401 @@
+"""The switch driver: runs the decision core's effects against a backend, with real time.
+
+The core (`core.py`) decides; this module does the I/O: it runs loads and unloads as owned
+tasks, wakes held requests, cancels drained-out requests, keeps the timer that fires the
+core's deadlines, and feeds logs and metrics. All state changes happen on the event loop
+thread, between awaits, so no lock is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from ..backends.base import Backend, LoadedModel, LoadError
+from ..metrics import Metrics
+from ..options import ProxyOptions
+from ..registry import ModelRegistry
+from .core import (
+    Admit,
+    Busy,
+    Cut,
+    Effect,
+    Hold,
+    ModelState,
+    Phase,
+    PhaseChanged,
+    Refuse,
+    Reject,
+    Release,
+    StartLoad,
+    StartUnload,
+    SwitchCore,
+    TooMany,
+)
+
+log = logging.getLogger("vllm_chill.switch")
+
+#: Longest an unload may take before it is reported as failed (the state still moves on).
+UNLOAD_TIMEOUT = 120.0
+
+
+class SwitchRefused(Exception):
+    """The request cannot be served now; `kind` picks the error the client gets."""
+
+    def __init__(self, kind: str, model: str, retry_after: int, reason: str = "") -> None:
+        self.kind = kind  # "loading", "failed", "too_many_waiting", "not_running"
+        self.model = model
+        self.retry_after = retry_after
+        self.reason = reason
+        super().__init__(f"{kind}: {model}")
+
+
+@dataclass
+class Lease:
+    """An in-flight slot on a ready model. Exiting `scope` early means the switch cut it."""
+
+    model: str
+    upstream: LoadedModel
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    released: bool = False
+
+
+@dataclass
+class _Waiter:
+    model: str
+    event: anyio.Event = field(default_factory=anyio.Event)
+    outcome: str | None = None  # "released" / "rejected"
+    reason: str = ""
+
+
+class Switcher:
+    def __init__(
+        self,
+        backend: Backend,
+        registry: ModelRegistry,
+        options: ProxyOptions,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self.registry = registry
+        self.options = options
+        self.metrics = metrics
+        self.clock = clock
+        self.core = SwitchCore(
+            max_waiting=options.max_waiting,
+            min_residency=options.min_residency,
+            drain_timeout=options.drain_timeout,
+            idle_timeout=options.idle_timeout,
+            failure_backoff=options.failure_backoff,
+            failure_backoff_max=options.failure_backoff_max,
+        )
+        self.loaded: LoadedModel | None = None
+        self.progress: str = ""
+        self.running = False
+        self._tg: TaskGroup | None = None
+        self._waiters: dict[int, _Waiter] = {}
+        self._leases: dict[str, set[Lease]] = {}
+        self._wake = anyio.Event()
+        self._timer_at = math.inf
+        self._was_active: str | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start the backend, adopt what it already runs, and drive timers until cancelled."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            loaded = await self.backend.start(self._on_lost)
+            if loaded is not None and self.registry.get(loaded.served_model_name) is not None:
+                self.loaded = loaded
+                self._apply(self.core.adopt(loaded.served_model_name, self.clock()))
+                log.info("adopted model=%s already loaded", loaded.served_model_name)
+            self.running = True
+            task_status.started()
+            try:
+                await self._timer()
+            finally:
+                self.running = False
+                tg.cancel_scope.cancel()
+                self._fail_all_waiters("the proxy is shutting down")
+                with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                    await self.backend.stop()
+
+    async def _timer(self) -> None:
+        while True:
+            deadline = self.core.next_deadline()
+            self._timer_at = math.inf if deadline is None else deadline
+            self._wake = anyio.Event()
+            delay = self._timer_at - self.clock()
+            if delay > 0:
+                with anyio.move_on_after(delay):
+                    await self._wake.wait()
+            self._apply(self.core.tick(self.clock()))
+
+    # --- the request path -----------------------------------------------------------------
+
+    async def acquire(self, model: str, hold: float) -> Lease:
+        """An in-flight slot on `model` once it is ready, or `SwitchRefused` saying why not."""
+        if not self.running:
+            raise SwitchRefused("not_running", model, 5, "the proxy is not running")
+        core = self.core
+        if core.phase is Phase.READY and core.active == model and self.loaded is not None:
+            decision, effects = core.arrive(model, self.clock(), hold=hold > 0)
+            if type(decision) is Admit:  # fast path: no effects, no timer change
+                return self._lease(model)
+        else:
+            decision, effects = core.arrive(model, self.clock(), hold=hold > 0)
+        self._apply(effects)
+        if isinstance(decision, Admit):
+            return self._lease(model)
+        if isinstance(decision, Hold):
+            return await self._hold(model, decision.waiter, hold)
+        if isinstance(decision, Busy):
+            raise SwitchRefused("loading", model, decision.retry_after)
+        if isinstance(decision, Refuse):
+            raise SwitchRefused("failed", model, decision.retry_after, decision.reason)
+        if isinstance(decision, TooMany):
+            raise SwitchRefused("too_many_waiting", model, decision.retry_after)
+        raise AssertionError(decision)
+
+    async def _hold(self, model: str, waiter_id: int, hold: float) -> Lease:
+        waiter = _Waiter(model)
+        self._waiters[waiter_id] = waiter
+        gauge = self.metrics.model(model).waiting
+        gauge.inc()
+        try:
+            with anyio.move_on_after(hold):
+                await waiter.event.wait()
+        except BaseException:
+            # The client went away while held: forget it at once, or hand back its slot.
+            if waiter.outcome == "released":
+                self.finish(self._lease(model))
+            else:
+                self._forget(model, waiter_id)
+            raise
+        finally:
+            gauge.dec()
+        if waiter.outcome == "released":
+            return self._lease(model)
+        if waiter.outcome == "rejected":
+            raise SwitchRefused("failed", model, 1, waiter.reason)
+        self._forget(model, waiter_id)
+        raise SwitchRefused("loading", model, self.core.promise(model, self.clock()))
+
+    def _forget(self, model: str, waiter_id: int) -> None:
+        self._waiters.pop(waiter_id, None)
+        self._apply(self.core.give_up(model, waiter_id, self.clock()))
+
+    def _lease(self, model: str) -> Lease:
+        upstream = self.loaded
+        if upstream is None:  # the core said ready, so the load recorded where it answers
+            raise SwitchRefused("loading", model, 1)
+        lease = Lease(model, upstream)
+        self._leases.setdefault(model, set()).add(lease)
+        return lease
+
+    def finish(self, lease: Lease) -> None:
+        """The request on `lease` ended, however it ended. Idempotent."""
+        if lease.released:
+            return
+        lease.released = True
+        leases = self._leases.get(lease.model)
+        if leases is not None:
+            leases.discard(lease)
+        self._apply(self.core.finish(lease.model, self.clock()))
+
+    # --- operator actions -----------------------------------------------------------------
+
+    def request_switch(self, model: str) -> ModelState:
+        self._apply(self.core.request_switch(model, self.clock()))
+        return self.core.state_of(model, self.clock())
+
+    def request_unload(self) -> bool:
+        """False when a load is in progress (it is not interrupted)."""
+        if self.core.phase is Phase.LOADING:
+            return False
+        self._apply(self.core.request_unload(self.clock()))
+        return True
+
+    # --- effects --------------------------------------------------------------------------
+
+    def _apply(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Release):
+                self._resolve(effect.waiters, "released", "")
+            elif isinstance(effect, Reject):
+                self._resolve(effect.waiters, "rejected", effect.reason)
+            elif isinstance(effect, StartLoad):
+                self._spawn(self._load, effect.model, effect.previous)
+            elif isinstance(effect, StartUnload):
+                self._spawn(self._unload, effect.model, effect.reason)
+            elif isinstance(effect, Cut):
+                leases = self._leases.get(effect.model, ())
+                log.warning(
+                    "switch phase=cut model=%s requests=%d drain_timeout=%.0fs",
+                    effect.model,
+                    len(leases),
+                    self.options.drain_timeout,
+                )
+                for lease in list(leases):
+                    lease.scope.cancel()
+            elif isinstance(effect, PhaseChanged):
+                self._on_phase(effect)
+        deadline = self.core.next_deadline()
+        if deadline is not None and deadline < self._timer_at:
+            self._timer_at = deadline
+            self._wake.set()
+
+    def _spawn(self, func: Callable[..., Any], *args: Any) -> None:
+        if self._tg is None:
+            raise RuntimeError("switcher is not running")
+        self._tg.start_soon(func, *args)
+
+    def _resolve(self, waiter_ids: tuple[int, ...], outcome: str, reason: str) -> None:
+        for waiter_id in waiter_ids:
+            waiter = self._waiters.pop(waiter_id, None)
+            if waiter is None:
+                continue
+            waiter.outcome = outcome
+            waiter.reason = reason
+            waiter.event.set()
+
+    def _fail_all_waiters(self, reason: str) -> None:
+        for waiter in self._waiters.values():
+            waiter.outcome = "rejected"
+            waiter.reason = reason
+            waiter.event.set()
+        self._waiters.clear()
+
+    def _on_phase(self, effect: PhaseChanged) -> None:
+        core = self.core
+        if effect.phase is Phase.DRAINING:
+            inflight = core.inflight.get(effect.model or "", 0)
+            log.info(
+                "switch phase=draining model=%s next=%s in_flight=%d",
+                effect.model,
+                effect.target or "-",
+                inflight,
+            )
+        active = core.active if core.phase in (Phase.READY, Phase.DRAINING) else None
+        if active != self._was_active:
+            self._was_active = active
+            self.metrics.set_active(active, [m.served_model_name for m in self.registry.models()])
+
+    def _on_progress(self, model: str, started: float) -> Callable[[str], None]:
+        def progress(phase: str) -> None:
+            if self.core.active != model or self.core.phase is not Phase.LOADING:
+                return
+            self.progress = phase
+            log.info(
+                "switch phase=%r model=%s elapsed=%.1fs",
+                phase,
+                model,
+                self.clock() - started,
+            )
+
+        return progress
+
+    def _on_lost(self, reason: str) -> None:
+        model = self.core.active
+        if self.core.phase not in (Phase.READY, Phase.DRAINING):
+            return
+        log.warning("switch phase=lost model=%s reason=%s", model, reason)
+        self.loaded = None
+        self._apply(self.core.lost(self.clock()))
+
+    async def _load(self, name: str, previous: str | None) -> None:
+        started = self.clock()
+        self.progress = "starting"
+        log.info("switch phase=loading model=%s from=%s", name, previous or "-")
+        if previous is None:
+            self.metrics.scale_events.labels("up", "request").inc()
+        error: str | None = None
+        model = self.registry.get(name)
+        try:
+            if model is None:
+                raise LoadError(f"model {name!r} is no longer defined")
+            with anyio.fail_after(self.options.model_switch_timeout):
+                self.loaded = await self.backend.load(model, self._on_progress(name, started))
+        except TimeoutError:
+            error = (
+                f"model {name!r} did not become ready within "
+                f"{self.options.model_switch_timeout:.0f}s (--model-switch-timeout); "
+                f"last phase: {self.progress}"
+            )
+        except LoadError as exc:
+            error = exc.reason
+        except Exception as exc:
+            log.exception("switch phase=error model=%s: backend raised", name)
+            error = f"backend error: {type(exc).__name__}: {exc}"
+        elapsed = self.clock() - started
+        result = "failure" if error else "success"
+        self.metrics.switches.labels(previous or "", name, result).inc()
+        self.metrics.switch_duration.labels(name, result).observe(elapsed)
+        if error:
+            self.loaded = None
+            log.error("switch phase=failed model=%s elapsed=%.1fs reason=%s", name, elapsed, error)
+        else:
+            log.info("switch phase=ready model=%s elapsed=%.1fs", name, elapsed)
+        self.progress = ""
+        self._apply(self.core.load_done(name, self.clock(), error))
+
+    async def _unload(self, name: str, reason: str) -> None:
+        started = self.clock()
+        log.info("switch phase=unloading model=%s reason=%s", name, reason)
+        try:
+            with anyio.fail_after(UNLOAD_TIMEOUT):
+                await self.backend.unload()
+        except Exception as exc:
+            log.error("switch phase=unload-failed model=%s reason=%s", name, exc)
+        self.loaded = None
+        if reason != "failed":
+            self.metrics.scale_events.labels("down", reason).inc()
+        log.info("switch phase=unloaded model=%s elapsed=%.1fs", name, self.clock() - started)
+        self._apply(self.core.unload_done(self.clock()))
+
+    # --- status ---------------------------------------------------------------------------
+
+    def state_of(self, model: str) -> ModelState:
+        return self.core.state_of(model, self.clock())
+
+    def status(self) -> dict[str, Any]:
+        core = self.core
+        now = self.clock()
+        record = core.last_switch
+        last: dict[str, Any] | None = None
+        if record is not None:
+            finished = record.finished_at
+            last = {
+                "from": record.from_model,
+                "to": record.to_model,
+                "result": record.result or "in_progress",
+                "duration_seconds": round((finished or now) - record.started_at, 3),
+                "seconds_ago": round(now - record.started_at, 3),
+            }
+        return {
+            "active_model": core.active,
+            "state": core.state_of(core.active, now).value if core.active else "unloaded",
+            "phase": core.phase.value,
+            "progress": self.progress or None,
+            "phase_seconds": round(now - core.phase_since, 3),
+            "switching_to": core.target,
+            "queued_models": list(core.queue),
+            "requests_in_flight": dict(core.inflight),
+            "requests_waiting": {m: len(w) for m, w in core.waiters.items()},
+            "last_switch": last,
+            "failed_models": {
+                m: {"reason": f.reason, "retry_in_seconds": round(f.until - now, 1)}
+                for m, f in core.failures.items()
+                if f.until > now
+            },
+        }
