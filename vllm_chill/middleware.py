@@ -137,7 +137,16 @@ class ModelSwitchMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self._http(scope, receive, send)
+            exchange = _Exchange(send)
+            try:
+                await self._http(scope, receive, exchange)
+            except Exception:
+                # A bug of ours: log it here, never show a traceback to the client.
+                log.exception("internal error on %s %s", scope["method"], scope["path"][:200])
+                if not exchange.started:
+                    await error_response(
+                        send, 500, "internal_error", "Internal error in vllm-chill (logged)."
+                    )
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
         elif self.app is not None:
@@ -231,17 +240,18 @@ class ModelSwitchMiddleware:
 
     # --- routing --------------------------------------------------------------------------
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _http(self, scope: Scope, receive: Receive, exchange: _Exchange) -> None:
+        send = exchange.send
         path = _route_path(scope)
         method: str = scope["method"]
         if path in MODEL_PATHS:
             if method == "POST":
-                await self._proxy(scope, receive, send, path)
+                await self._proxy(scope, receive, exchange, path)
             else:
                 await self._not_allowed(send)
             return
         if path.startswith("/v1/"):
-            await self._v1(scope, receive, send, path, method)
+            await self._v1(scope, receive, exchange, path, method)
             return
         if path in OPERATOR_PATHS:
             await self._not_found(send, path)
@@ -257,7 +267,10 @@ class ModelSwitchMiddleware:
             return
         await self._not_found(send, path)
 
-    async def _v1(self, scope: Scope, receive: Receive, send: Send, path: str, method: str) -> None:
+    async def _v1(
+        self, scope: Scope, receive: Receive, exchange: _Exchange, path: str, method: str
+    ) -> None:
+        send = exchange.send
         if path in OPERATOR_PATHS or _has_dot_segment(path):
             await self._not_found(send, path)
             return
@@ -270,7 +283,7 @@ class ModelSwitchMiddleware:
                 await self._unauthorized(send)
             return
         if method == "POST":
-            await self._proxy(scope, receive, send, path)
+            await self._proxy(scope, receive, exchange, path)
         elif self.app is not None:
             await self.app(scope, receive, send)
         else:
@@ -278,7 +291,8 @@ class ModelSwitchMiddleware:
 
     # --- the proxied request --------------------------------------------------------------
 
-    async def _proxy(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+    async def _proxy(self, scope: Scope, receive: Receive, exchange: _Exchange, path: str) -> None:
+        send = exchange.send
         if self._api_keys and not self._authorized(scope, self._api_keys):
             await self._unauthorized(send)
             return
@@ -310,17 +324,22 @@ class ModelSwitchMiddleware:
         if model is None:
             await self._model_not_found(send, name)
             return
-        await self._serve(scope, receive, send, path, model, body)
+        await self._serve(scope, receive, exchange, path, model, body)
 
     async def _serve(
-        self, scope: Scope, receive: Receive, send: Send, path: str, model: VLLMModel, body: bytes
+        self,
+        scope: Scope,
+        receive: Receive,
+        exchange: _Exchange,
+        path: str,
+        model: VLLMModel,
+        body: bytes,
     ) -> None:
         """Hold (if allowed) until the model is ready, then relay; watch for the client
         leaving the whole time so that its wait or upstream request ends at once."""
         name = model.served_model_name
         started = time.monotonic()
         status = 499  # client closed request, unless we learn better
-        exchange = _Exchange(send)
         async with anyio.create_task_group() as tg:
             tg.start_soon(exchange.cancel_on_disconnect, receive, tg.cancel_scope)
             try:
@@ -587,14 +606,17 @@ class _Exchange:
     the clean-up after a finished response (ASGI servers report `http.disconnect` once the
     response is complete, too)."""
 
-    __slots__ = ("_send", "done")
+    __slots__ = ("_send", "done", "started")
 
     def __init__(self, send: Send) -> None:
         self._send = send
+        self.started = False
         self.done = False
 
     async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.body" and not message.get("more_body", False):
+        if message["type"] == "http.response.start":
+            self.started = True
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
             self.done = True
         await self._send(message)
 

@@ -24,6 +24,8 @@ class FakeBackend:
     load_times: dict[str, float] = field(default_factory=dict)
     #: Where the "loaded" model answers (tests point it at a real loopback server).
     base_url: str = "http://127.0.0.1:9"
+    #: served name -> base URL, overriding `base_url` (one real upstream per model).
+    base_urls: dict[str, str] = field(default_factory=dict)
     #: What `start` reports as already loaded.
     preloaded: str | None = None
     #: When set, loads wait for this event before finishing.
@@ -37,7 +39,7 @@ class FakeBackend:
         self.calls.append(("start", None))
         if self.preloaded is not None:
             self.loaded = self.preloaded
-            return LoadedModel(self.preloaded, self.base_url)
+            return LoadedModel(self.preloaded, self.base_urls.get(self.preloaded, self.base_url))
         return None
 
     async def stop(self) -> None:
@@ -55,7 +57,7 @@ class FakeBackend:
         if reason is not None:
             raise LoadError(reason)
         self.loaded = name
-        return LoadedModel(name, self.base_url)
+        return LoadedModel(name, self.base_urls.get(name, self.base_url))
 
     async def unload(self) -> None:
         self.calls.append(("unload", self.loaded))

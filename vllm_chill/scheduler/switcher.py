@@ -57,7 +57,7 @@ class SwitchRefused(Exception):
         super().__init__(f"{kind}: {model}")
 
 
-@dataclass
+@dataclass(eq=False)
 class Lease:
     """An in-flight slot on a ready model. Exiting `scope` early means the switch cut it."""
 
@@ -147,16 +147,10 @@ class Switcher:
         """An in-flight slot on `model` once it is ready, or `SwitchRefused` saying why not."""
         if not self.running:
             raise SwitchRefused("not_running", model, 5, "the proxy is not running")
-        core = self.core
-        if core.phase is Phase.READY and core.active == model and self.loaded is not None:
-            decision, effects = core.arrive(model, self.clock(), hold=hold > 0)
-            if type(decision) is Admit:  # fast path: no effects, no timer change
-                return self._lease(model)
-        else:
-            decision, effects = core.arrive(model, self.clock(), hold=hold > 0)
-        self._apply(effects)
-        if isinstance(decision, Admit):
+        decision, effects = self.core.arrive(model, self.clock(), hold=hold > 0)
+        if type(decision) is Admit:  # the common case: no effects, no deadline moved earlier
             return self._lease(model)
+        self._apply(effects)
         if isinstance(decision, Hold):
             return await self._hold(model, decision.waiter, hold)
         if isinstance(decision, Busy):
