@@ -219,12 +219,18 @@ class FileRegistry:
         self._listeners = ListenerSet()
         self._reported: dict[str, tuple[str, ...]] = {}
         self._stack: AsyncExitStack | None = None
-        self._stop = anyio.Event()
+        # Created by start(): anyio primitives belong to the running event loop.
+        self._stop: anyio.Event
+        self._reload_lock: anyio.Lock
         self._ready = False
         # What the watcher's filter lets through: the names the scan may read, and the watched
         # directories themselves (a directory's deletion is reported as an event on it).
         self._file_roots: frozenset[str] = frozenset()
         self._dir_roots: frozenset[str] = frozenset()
+        # The directories the OS watches now; an event on one of them itself (deleted, moved)
+        # means its watch is dead even if a new directory of the same name appears at once.
+        self._watching: frozenset[str] = frozenset()
+        self._rewatch = False
 
     # -- ModelRegistry -------------------------------------------------------------------
 
@@ -238,6 +244,7 @@ class FileRegistry:
         self._dir_roots = frozenset(self._roots) - self._file_roots
         self._index = _index(self._by_file)
         self._stop = anyio.Event()
+        self._reload_lock = anyio.Lock()
         async with AsyncExitStack() as stack:
             task_group = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(task_group.cancel_scope.cancel)
@@ -295,10 +302,13 @@ class FileRegistry:
         return tuple(d for d in wanted if os.path.isdir(d))
 
     def _relevant(self, _change: object, path: str) -> bool:
+        if path in self._watching:
+            self._rewatch = True
+            return True
         name = os.path.basename(path)
         if name.startswith(".."):  # a ConfigMap volume swaps its `..data` symlink
             return True
-        if path in self._file_roots or path in self._dir_roots:
+        if path in self._file_roots:
             return True
         return (
             os.path.dirname(path) in self._dir_roots
@@ -309,48 +319,64 @@ class FileRegistry:
     async def _watch(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         backoff = _BACKOFF_MIN_S
         started = False
-        while not self._stop.is_set():
-            try:
-                dirs = await anyio.to_thread.run_sync(self._watch_dirs)
-                if not dirs:
-                    raise FileNotFoundError("none of the watched directories exists")
-                watcher = watchfiles.awatch(
-                    *dirs,
-                    watch_filter=self._relevant,
-                    stop_event=self._stop,
-                    recursive=False,
-                    debounce=_DEBOUNCE_MS,
-                    step=_STEP_MS,
-                    rust_timeout=_WAKE_MS,
-                    yield_on_timeout=True,
-                )
-                if not started:
-                    # No await between here and the generator's first step, which sets up the
-                    # OS watches before `start()` resumes: a file written right after `start()`
-                    # returns is seen. Anything written before that is caught by the first
-                    # reload below.
-                    task_status.started()
-                    started = True
-                reconciled = False
-                async with aclosing(watcher):
-                    async for changes in watcher:
-                        if changes or not reconciled:
-                            await self._reload()
-                            reconciled = True
-                        backoff = _BACKOFF_MIN_S
-                        if await anyio.to_thread.run_sync(self._watch_dirs) != dirs:
-                            break  # a directory vanished or came back: watch the new set
-            except Exception as exc:  # the watcher must outlive any failure, and retry
-                if not started:
-                    task_status.started()
-                    started = True
-                logger.warning("watching %s failed (%s); retrying", ", ".join(self._roots), exc)
-                with anyio.move_on_after(backoff):
-                    await self._stop.wait()
-                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+        async with anyio.create_task_group() as task_group:
+            while not self._stop.is_set():
+                try:
+                    dirs = await anyio.to_thread.run_sync(self._watch_dirs)
+                    if not dirs:
+                        raise FileNotFoundError("none of the watched directories exists")
+                    watcher = watchfiles.awatch(
+                        *dirs,
+                        watch_filter=self._relevant,
+                        stop_event=self._stop,
+                        recursive=False,
+                        debounce=_DEBOUNCE_MS,
+                        step=_STEP_MS,
+                        rust_timeout=_WAKE_MS,
+                        yield_on_timeout=True,
+                    )
+                    self._watching, self._rewatch = frozenset(dirs), False
+                    # No await from here to the generator's first step, which sets up the OS
+                    # watches and only then suspends. So `start()` resumes, and the reload
+                    # scheduled here runs, once changes are being recorded: whatever was
+                    # written before is read by that reload, whatever comes after is an event.
+                    # (Should a custom task factory run the reload eagerly, the first yield,
+                    # at the latest after _WAKE_MS, reloads again.)
+                    if not started:
+                        task_status.started()
+                        started = True
+                    task_group.start_soon(self._reload)
+                    reconciled = False
+                    async with aclosing(watcher):
+                        async for changes in watcher:
+                            moved = self._rewatch or dirs != await anyio.to_thread.run_sync(
+                                self._watch_dirs
+                            )
+                            if changes or moved or not reconciled:
+                                await self._reload()
+                                reconciled = True
+                            backoff = _BACKOFF_MIN_S
+                            if moved:
+                                break  # a directory vanished, moved or came back: watch anew
+                except Exception as exc:  # the watcher must outlive any failure, and retry
+                    if not started:
+                        task_status.started()
+                        started = True
+                    logger.warning("watching %s failed (%s); retrying", ", ".join(self._roots), exc)
+                    with anyio.move_on_after(backoff):
+                        await self._stop.wait()
+                    backoff = min(backoff * 2, _BACKOFF_MAX_S)
 
     async def _reload(self) -> None:
-        scan = await anyio.to_thread.run_sync(_scan, self._roots, self._namespace)
+        """Re-read everything; one at a time, and never raising into the watcher."""
+        async with self._reload_lock:
+            try:
+                scan = await anyio.to_thread.run_sync(_scan, self._roots, self._namespace)
+                self._apply(scan)
+            except Exception:
+                logger.exception("reloading %s failed", ", ".join(self._roots))
+
+    def _apply(self, scan: _Scan) -> None:
         previous = self._by_file
         candidate: dict[str, tuple[VLLMModel, ...]] = {}
         for root, problem in scan.missing.items():

@@ -2,14 +2,21 @@
 
 The response body is relayed chunk by chunk as it arrives (server-sent events are never
 buffered), status and end-to-end headers are kept, hop-by-hop headers are dropped. One pooled
-keep-alive client serves every request; everything that can be computed once is.
+keep-alive session serves every request.
+
+The client is aiohttp rather than httpx: httpcore's connection pool assigns queued requests to
+connections with scans over every connection and request, which made a burst of a few hundred
+concurrent requests spend seconds in pool bookkeeping (measured with cProfile; see
+docs/performance.md). aiohttp's connector does not, and its C HTTP parser is fast.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
-import httpx
+import aiohttp
+from yarl import URL
 
 from .asgi import Scope, Send
 
@@ -32,6 +39,8 @@ HOP_BY_HOP = frozenset(
 )
 _DROP_FROM_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 _DROP_FROM_RESPONSE = HOP_BY_HOP | {b"date", b"server"}
+#: aiohttp adds these unless told not to; the client's own values are forwarded instead.
+_SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
 class UpstreamUnavailable(Exception):
@@ -46,33 +55,39 @@ class UpstreamClient:
         upstream_api_key: str | None = None,
         strip_client_auth: bool = False,
     ) -> None:
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=connect_timeout, read=None, write=60.0, pool=None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
-            follow_redirects=False,
-            trust_env=False,
-        )
-        self._auth = (
-            (b"authorization", b"Bearer " + upstream_api_key.encode()) if upstream_api_key else None
-        )
+        self._connect_timeout = connect_timeout
+        self._session: aiohttp.ClientSession | None = None
+        self._auth = ("Authorization", "Bearer " + upstream_api_key) if upstream_api_key else None
         # The client's key for the proxy is not the upstream's: never pass it on.
         self._drop = _DROP_FROM_REQUEST | (
             {b"authorization"} if (upstream_api_key or strip_client_auth) else set()
         )
 
-    async def aclose(self) -> None:
-        await self._client.aclose()
+    def _open(self) -> aiohttp.ClientSession:
+        # Created lazily, inside the running loop that will use it.
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=None),
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=self._connect_timeout, connect=self._connect_timeout
+            ),
+            auto_decompress=False,
+            skip_auto_headers=_SKIP_AUTO,
+            trust_env=False,
+        )
+        return self._session
 
-    def request_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def request_headers(self, scope: Scope) -> list[tuple[str, str]]:
         raw: list[tuple[bytes, bytes]] = scope["headers"]
         drop = self._drop
-        named: set[bytes] | None = None
         for key, value in raw:
-            if key == b"connection":
-                named = {v.strip().lower() for v in value.split(b",")}
-        if named:
-            drop = drop | named
-        headers = [(k, v) for k, v in raw if k not in drop]
+            if key == b"connection":  # headers the client named as hop-by-hop
+                drop = drop | {v.strip().lower() for v in value.split(b",")}
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw if k not in drop]
         if self._auth is not None:
             headers.append(self._auth)
         return headers
@@ -89,34 +104,41 @@ class UpstreamClient:
     ) -> int:
         """Relay the request; return the upstream's status. Raises `UpstreamUnavailable`
         before any byte was sent to the client, never after."""
+        session = self._session or self._open()
         query: bytes = scope.get("query_string", b"")
         url = base_url + path + ("?" + query.decode("latin-1") if query else "")
         headers = self.request_headers(scope)
         if extra_headers:
-            headers.extend((k.encode(), v.encode()) for k, v in extra_headers)
-        request = self._client.build_request(scope["method"], url, headers=headers, content=body)
+            headers.extend(extra_headers)
         try:
-            response = await self._client.send(request, stream=True)
-        except httpx.TransportError as exc:
+            response = await session.request(
+                scope["method"],
+                URL(url, encoded=True),
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+            )
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise UpstreamUnavailable(f"{type(exc).__name__}: {exc}") from None
         try:
-            response_headers = [
-                (k, v) for k, v in response.headers.raw if k.lower() not in _DROP_FROM_RESPONSE
-            ]
             await send(
                 {
                     "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": response_headers,
+                    "status": response.status,
+                    "headers": [
+                        (k, v)
+                        for k, v in response.raw_headers
+                        if k.lower() not in _DROP_FROM_RESPONSE
+                    ],
                 }
             )
             try:
-                async for chunk in response.aiter_raw():
+                async for chunk in response.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except httpx.TransportError as exc:
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 # The upstream died mid-answer; end the client's response rather than hang it.
-                log.warning("upstream ended mid-response url=%s error=%s", path, exc)
+                log.warning("upstream ended mid-response path=%s error=%s", path, exc)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            await response.aclose()
-        return response.status_code
+            response.release()
+        return response.status

@@ -42,8 +42,8 @@ class SimRequest:
 
     method: str
     path: str
-    headers: tuple[tuple[str, str], ...]
-    body: bytes
+    headers: tuple[tuple[str, str], ...] = field(repr=False)  # may carry an API key
+    body: bytes = b""
 
     def header(self, name: str) -> str | None:
         name = name.lower()
@@ -69,16 +69,15 @@ class SimStats:
         for waiter in self._waiters:
             waiter.set()
 
-    async def wait_until(self, predicate: Callable[[SimStats], bool], timeout: float = 10) -> None:
-        """Return once `predicate(self)` holds; TimeoutError after `timeout` seconds."""
-        with anyio.fail_after(timeout):
-            while not predicate(self):
-                waiter = anyio.Event()
-                self._waiters.add(waiter)
-                try:
-                    await waiter.wait()
-                finally:
-                    self._waiters.discard(waiter)
+    async def wait_until(self, predicate: Callable[[SimStats], bool]) -> None:
+        """Return once `predicate(self)` holds. Callers bound it (`anyio.fail_after`)."""
+        while not predicate(self):
+            waiter = anyio.Event()
+            self._waiters.add(waiter)
+            try:
+                await waiter.wait()
+            finally:
+                self._waiters.discard(waiter)
 
 
 @dataclass
@@ -279,7 +278,7 @@ class SimApp:
                 if self.tokens_per_second > 0:
                     await anyio.sleep(count / self.tokens_per_second)
                 progress.finishing = progress.started = True
-                message = {
+                message: dict[str, Any] = {
                     "role": "assistant",
                     "content": "".join(tokens),
                     "refusal": None,

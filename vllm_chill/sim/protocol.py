@@ -178,9 +178,8 @@ def prompts_of(value: Any) -> list[tuple[str, int]]:
 
 def embedding_inputs(value: Any) -> list[tuple[bytes, int]]:
     """An embeddings `input` as (hashable bytes, token count) pairs."""
-    if isinstance(value, str):
-        value = [value]
-    elif isinstance(value, list) and value and all(isinstance(t, int) for t in value):
+    single_ids = isinstance(value, list) and value and all(isinstance(t, int) for t in value)
+    if isinstance(value, str) or single_ids:
         value = [value]
     if not isinstance(value, list) or not value:
         raise RequestError(400, "input must be a non-empty string or list.", param="input")

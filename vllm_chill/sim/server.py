@@ -19,6 +19,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import uvicorn
@@ -29,6 +30,21 @@ log = logging.getLogger(__name__)
 
 #: How long `stop` lets uvicorn shut down gracefully before forcing it, and then cancelling it.
 STOP_GRACE = 2.0
+
+
+if TYPE_CHECKING:
+    _HTTPProtocol = asyncio.Protocol
+else:
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol as _HTTPProtocol
+
+
+class _QuietHTTPProtocol(_HTTPProtocol):
+    """uvicorn's HTTP protocol without access-log lines: in a host that logs `uvicorn.access`,
+    the sim's requests would otherwise be indistinguishable from the host's own."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.access_log = False
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -85,6 +101,11 @@ class SimModelServer:
         return self.app.ready
 
     @property
+    def settled(self) -> bool:
+        """Whether the load is over: the model is ready, or the server exited before that."""
+        return self._settled is not None and self._settled.is_set()
+
+    @property
     def running(self) -> bool:
         """Whether the server is started and has not exited (by `stop` or a simulated crash)."""
         return self._task is not None and not self._task.done()
@@ -116,6 +137,7 @@ class SimModelServer:
             self.app,
             interface="asgi3",
             lifespan="off",
+            http=_QuietHTTPProtocol,
             ws="none",
             proxy_headers=False,
             log_config=None,
@@ -165,7 +187,9 @@ class SimModelServer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    async def _run(self, server: _EmbeddedServer, sock: socket.socket, settled: anyio.Event) -> None:
+    async def _run(
+        self, server: _EmbeddedServer, sock: socket.socket, settled: anyio.Event
+    ) -> None:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._load, server, settled)

@@ -1,0 +1,43 @@
+"""Fixtures for the local process backend's tests: every stand-in process a test starts is
+recorded, and none may be left when the test ends."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from local_helpers import LostRecorder, Tracker, standin_command
+
+from vllm_chill.backends.local import LocalProcessBackend
+
+
+@pytest.fixture
+def tracker() -> Iterator[Tracker]:
+    """Every stand-in started during the test; after the test, none may be left."""
+    logger = logging.getLogger("vllm_chill.local")
+    handler = Tracker()
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+    assert handler.leftovers() == {}, "processes left behind"
+
+
+@pytest.fixture
+def lost() -> LostRecorder:
+    return LostRecorder()
+
+
+@pytest.fixture
+async def backend(tracker: Tracker, lost: LostRecorder) -> AsyncIterator[LocalProcessBackend]:
+    backend = LocalProcessBackend(standin_command(), grace_period=1.0)
+    assert await backend.start(lost) is None
+    try:
+        yield backend
+    finally:
+        await backend.stop()
