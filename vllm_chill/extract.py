@@ -82,18 +82,20 @@ def model_from_multipart(body: bytes, content_type: bytes) -> str | None:
         if state["is_model"]:
             found.append(bytes(part_data))
 
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-        },
-    )
     try:
+        # Inside the `try`: the parser refuses some boundaries (longer than 256 bytes) as it
+        # is built, and a client's bad boundary is a 400, never a 500.
+        parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": on_part_begin,
+                "on_header_field": on_header_field,
+                "on_header_value": on_header_value,
+                "on_header_end": on_header_end,
+                "on_part_data": on_part_data,
+                "on_part_end": on_part_end,
+            },
+        )
         parser.write(body)
         parser.finalize()
     except BadRequest:

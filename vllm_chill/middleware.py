@@ -82,7 +82,8 @@ OPERATOR_PATHS = frozenset(
 #: Paths this middleware answers itself even when it wraps an inner app.
 _OWN_EXACT = frozenset({"/health", "/readyz", "/metrics", "/tokenize", "/detokenize"})
 
-_HEALTH_BODY = b"OK"
+#: Longest the backend may take to stop (watches, child processes) at shutdown.
+SHUTDOWN_TIMEOUT = 30.0
 
 
 def _route_path(scope: Scope) -> str:
@@ -179,7 +180,10 @@ class ModelSwitchMiddleware:
             try:
                 yield self
             finally:
-                tg.cancel_scope.cancel()
+                self.switcher.stop()
+                with anyio.CancelScope(shield=True), anyio.move_on_after(SHUTDOWN_TIMEOUT):
+                    await self.switcher.stopped.wait()
+                tg.cancel_scope.cancel()  # only matters if the backend did not stop in time
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         startup = await receive()

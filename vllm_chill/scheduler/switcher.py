@@ -107,31 +107,44 @@ class Switcher:
         self._wake = anyio.Event()
         self._timer_at = math.inf
         self._was_active: str | None = None
+        self._stop_requested = False
+        self.stopped = anyio.Event()
 
     # --- lifecycle ------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Start the backend, adopt what it already runs, and drive timers until cancelled."""
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            loaded = await self.backend.start(self._on_lost)
-            if loaded is not None and self.registry.get(loaded.served_model_name) is not None:
-                self.loaded = loaded
-                self._apply(self.core.adopt(loaded.served_model_name, self.clock()))
-                log.info("adopted model=%s already loaded", loaded.served_model_name)
-            self.running = True
-            task_status.started()
-            try:
+        """Start the backend, adopt what it already runs, and drive timers until `stop()`.
+
+        The backend is started and stopped at the same cancel-scope depth of this task, with no
+        scope of ours around either call: backends may hold a task group from `start` to `stop`,
+        and anyio requires such a group to be closed where it was opened."""
+        loaded = await self.backend.start(self._on_lost)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                if loaded is not None and self.registry.get(loaded.served_model_name):
+                    self.loaded = loaded
+                    self._apply(self.core.adopt(loaded.served_model_name, self.clock()))
+                    log.info("adopted model=%s already loaded", loaded.served_model_name)
+                self.running = True
+                task_status.started()
                 await self._timer()
-            finally:
-                self.running = False
-                tg.cancel_scope.cancel()
-                self._fail_all_waiters("the proxy is shutting down")
-                with anyio.CancelScope(shield=True), anyio.move_on_after(30):
-                    await self.backend.stop()
+                tg.cancel_scope.cancel()  # loads and unloads in progress end here
+        finally:
+            self.running = False
+            self._tg = None
+            self._fail_all_waiters("the proxy is shutting down")
+            await self.backend.stop()
+            self.stopped.set()
+
+    def stop(self) -> None:
+        """Ask `run` to finish: in-progress loads are cancelled, held requests answered, the
+        backend stopped. The caller waits on `stopped` (with its own timeout)."""
+        self._stop_requested = True
+        self._wake.set()
 
     async def _timer(self) -> None:
-        while True:
+        while not self._stop_requested:
             deadline = self.core.next_deadline()
             self._timer_at = math.inf if deadline is None else deadline
             self._wake = anyio.Event()
@@ -139,7 +152,8 @@ class Switcher:
             if delay > 0:
                 with anyio.move_on_after(delay):
                     await self._wake.wait()
-            self._apply(self.core.tick(self.clock()))
+            if not self._stop_requested:
+                self._apply(self.core.tick(self.clock()))
 
     # --- the request path -----------------------------------------------------------------
 

@@ -1,0 +1,28 @@
+# vllm-chill: the proxy image (`examples/kubernetes-with-model-switching.yaml` runs it).
+#
+#   docker build -t ghcr.io/efortin/vllm-chill:0.1.0 .
+#   docker run --rm -p 8080:8080 ghcr.io/efortin/vllm-chill:0.1.0 \
+#     serve --backend sim --models /models        # (mount manifests at /models)
+
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md LICENSE ./
+COPY vllm_chill ./vllm_chill
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
+ && pip wheel --no-cache-dir --wheel-dir /wheels /wheels/vllm_chill-*.whl
+
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY --from=build /wheels /wheels
+RUN pip install --no-index --find-links /wheels vllm-chill \
+ && rm -rf /wheels \
+ && groupadd --system --gid 10001 vllm-chill \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin vllm-chill
+# Numeric, so that `runAsNonRoot` can verify it without looking the name up.
+USER 10001:10001
+EXPOSE 8080
+ENTRYPOINT ["vllm-chill"]
+CMD ["serve"]

@@ -1,0 +1,439 @@
+"""`vllm-chill serve` settings: flags, environment twins, defaults and one-line errors (SPEC §2)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+from vllm_chill.options import ProxyOptions
+from vllm_chill.settings import (
+    OPTIONS,
+    Settings,
+    SettingsError,
+    parse_duration,
+    parse_settings,
+    parse_size,
+)
+
+SIM = ["--backend", "sim", "--models", "models.yaml"]
+
+
+def parse(
+    argv: Sequence[str], environ: Mapping[str, str] | None = None, *, pod: str | None = None
+) -> Settings:
+    return parse_settings(
+        argv, environ or {}, pod_namespace_file=pod or "/nonexistent/vllm-chill/namespace"
+    )
+
+
+def error(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> str:
+    with pytest.raises(SettingsError) as caught:
+        parse(argv, environ)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert caught.value.prog == "vllm-chill serve"
+    return message
+
+
+# --- durations and sizes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("250ms", 0.25),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("1h30m", 5400.0),
+        ("1h 30m", 5400.0),
+        ("90", 90.0),
+        ("1.5", 1.5),
+        ("0", 0.0),
+        (" 2m ", 120.0),
+    ],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["-5", "-5m", "abc", "", "5 parsecs", "inf", "nan", "1e400"])
+def test_bad_durations_name_the_flag(text: str) -> None:
+    message = error([*SIM, f"--idle-timeout={text}"])
+    assert message.startswith("argument --idle-timeout: invalid duration")
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("1048576", 1048576),
+        ("64MiB", 64 << 20),
+        ("64M", 64 << 20),
+        ("500KB", 500_000),
+        ("1g", 1 << 30),
+    ],
+)
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_every_duration_flag_accepts_the_spec_forms() -> None:
+    settings = parse(
+        [
+            *SIM,
+            "--model-switch-timeout",
+            "1h30m",
+            "--idle-timeout",
+            "250ms",
+            "--max-wait",
+            "30s",
+            "--drain-timeout",
+            "5m",
+            "--sim-load-time",
+            "2",
+        ]
+    )
+    assert settings.model_switch_timeout == 5400
+    assert settings.idle_timeout == 0.25
+    assert settings.max_wait == 30
+    assert settings.drain_timeout == 300
+    assert settings.sim_load_time == 2
+
+
+def test_a_zero_switch_timeout_is_refused() -> None:
+    assert "--model-switch-timeout" in error([*SIM, "--model-switch-timeout", "0"])
+
+
+# --- defaults -----------------------------------------------------------------------------
+
+
+def test_the_seeds_command() -> None:
+    settings = parse(
+        [
+            "--enable-model-switch",
+            "--configmap",
+            "vllm-config",
+            "--namespace",
+            "ai-apps",
+            "--deployment",
+            "vllm",
+            "--model-switch-timeout",
+            "5m",
+        ]
+    )
+    assert settings.backend == "kubernetes"
+    assert settings.enable_model_switch is True
+    assert settings.configmap == "vllm-config"
+    assert settings.namespace == "ai-apps"
+    assert settings.deployment == "vllm"
+    assert settings.upstream == "http://vllm.ai-apps.svc:8000"
+    assert settings.model_switch_timeout == 300
+    assert settings.models == ()
+    assert settings.warnings == ()
+
+
+def test_spec_defaults() -> None:
+    settings = parse(SIM)
+    assert (settings.host, settings.port) == ("0.0.0.0", 8080)
+    assert settings.models == ("models.yaml",)
+    assert settings.enable_model_switch is False
+    assert settings.model_switch_timeout == 300
+    assert settings.idle_timeout == 300
+    assert settings.max_wait == 0
+    assert settings.drain_timeout == 120
+    assert settings.api_keys == ()
+    assert settings.admin_token is None
+    assert settings.upstream_api_key is None
+    assert settings.command == "vllm serve {model} {args} --host 127.0.0.1 --port {port}"
+    assert (settings.sim_load_time, settings.sim_tokens_per_second) == (3, 50)
+    assert (settings.log_level, settings.log_format) == ("info", "text")
+    assert settings.access_log is False
+    assert settings.upstream is None  # only the kubernetes backend has one
+
+
+def test_the_backend_is_required_without_a_deployment() -> None:
+    message = error(["--models", "m.yaml"])
+    assert message.startswith("argument --backend: required")
+
+
+@pytest.mark.parametrize("backend", ["sim", "local"])
+def test_models_are_required_with_file_backends(backend: str) -> None:
+    assert error(["--backend", backend]).startswith("argument --models: required")
+
+
+def test_kubernetes_needs_a_deployment() -> None:
+    assert error(["--backend", "kubernetes"]).startswith("argument --deployment: required")
+
+
+def test_the_namespace_comes_from_the_pod(tmp_path: Path) -> None:
+    pod = tmp_path / "namespace"
+    pod.write_text("ai-apps\n")
+    settings = parse(["--deployment", "vllm"], pod=str(pod))
+    assert settings.namespace == "ai-apps"
+    assert settings.upstream == "http://vllm.ai-apps.svc:8000"
+    assert parse(["--deployment", "vllm"], pod=str(tmp_path / "absent")).namespace == "default"
+
+
+@pytest.mark.parametrize(
+    ("argv", "upstream"),
+    [
+        (["--upstream", "http://vllm-svc:8001/"], "http://vllm-svc:8001"),
+        (["--target-host", "10.0.0.5"], "http://10.0.0.5:8000"),
+        (["--target-port", "9000"], "http://vllm.ns.svc:9000"),
+        (["--target-host", "fd00::5", "--target-port", "9000"], "http://[fd00::5]:9000"),
+    ],
+)
+def test_upstream(argv: list[str], upstream: str) -> None:
+    settings = parse(["--deployment", "vllm", "--namespace", "ns", *argv])
+    assert settings.upstream == upstream
+
+
+def test_upstream_and_target_exclude_each_other() -> None:
+    message = error(["--deployment", "d", "--upstream", "http://x:1", "--target-host", "y"])
+    assert message.startswith("argument --upstream:")
+
+
+# --- environment twins ----------------------------------------------------------------------
+
+
+def test_every_flag_has_its_environment_twin() -> None:
+    assert {o.env for o in OPTIONS} >= {
+        "VLLM_CHILL_HOST",
+        "VLLM_CHILL_PORT",
+        "VLLM_CHILL_BACKEND",
+        "VLLM_CHILL_MODELS",
+        "VLLM_CHILL_ENABLE_MODEL_SWITCH",
+        "VLLM_CHILL_NAMESPACE",
+        "VLLM_CHILL_DEPLOYMENT",
+        "VLLM_CHILL_CONTAINER",
+        "VLLM_CHILL_CONFIGMAP",
+        "VLLM_CHILL_KUBECONFIG",
+        "VLLM_CHILL_UPSTREAM",
+        "VLLM_CHILL_TARGET_HOST",
+        "VLLM_CHILL_TARGET_PORT",
+        "VLLM_CHILL_MODEL_SWITCH_TIMEOUT",
+        "VLLM_CHILL_IDLE_TIMEOUT",
+        "VLLM_CHILL_MAX_WAIT",
+        "VLLM_CHILL_DRAIN_TIMEOUT",
+        "VLLM_CHILL_API_KEY",
+        "VLLM_CHILL_ADMIN_TOKEN",
+        "VLLM_CHILL_UPSTREAM_API_KEY",
+        "VLLM_CHILL_COMMAND",
+        "VLLM_CHILL_SIM_LOAD_TIME",
+        "VLLM_CHILL_SIM_TOKENS_PER_SECOND",
+        "VLLM_CHILL_LOG_LEVEL",
+        "VLLM_CHILL_LOG_FORMAT",
+    }
+
+
+def test_the_seeds_command_from_the_environment() -> None:
+    settings = parse(
+        [],
+        {
+            "VLLM_CHILL_ENABLE_MODEL_SWITCH": "true",
+            "VLLM_CHILL_CONFIGMAP": "vllm-config",
+            "VLLM_CHILL_NAMESPACE": "ai-apps",
+            "VLLM_CHILL_DEPLOYMENT": "vllm",
+            "VLLM_CHILL_MODEL_SWITCH_TIMEOUT": "5m",
+        },
+    )
+    assert settings == parse(
+        [
+            "--enable-model-switch",
+            "--configmap=vllm-config",
+            "--namespace=ai-apps",
+            "--deployment=vllm",
+            "--model-switch-timeout=5m",
+        ]
+    )
+
+
+def test_the_flag_wins_over_the_environment() -> None:
+    environ = {
+        "VLLM_CHILL_BACKEND": "local",
+        "VLLM_CHILL_MODELS": "a.yaml",
+        "VLLM_CHILL_PORT": "9000",
+        "VLLM_CHILL_IDLE_TIMEOUT": "10m",
+        "VLLM_CHILL_ACCESS_LOG": "yes",
+    }
+    from_env = parse([], environ)
+    assert (from_env.backend, from_env.models, from_env.port) == ("local", ("a.yaml",), 9000)
+    assert (from_env.idle_timeout, from_env.access_log) == (600, True)
+    flags = parse(
+        [
+            "--backend=sim",
+            "--models=b",
+            "--models=c",
+            "--port=1",
+            "--idle-timeout=0",
+            "--no-access-log",
+        ],
+        environ,
+    )
+    assert (flags.backend, flags.models, flags.port) == ("sim", ("b", "c"), 1)
+    assert (flags.idle_timeout, flags.access_log) == (0, False)
+
+
+def test_repeatable_flags_take_comma_separated_values() -> None:
+    settings = parse(
+        [], {**_sim_env(), "VLLM_CHILL_MODELS": "a.yaml, b/ ,", "VLLM_CHILL_API_KEY": "k1,k2"}
+    )
+    assert settings.models == ("a.yaml", "b/")
+    assert settings.api_keys == ("k1", "k2")
+
+
+@pytest.mark.parametrize(
+    ("word", "value"),
+    [
+        ("1", True),
+        ("true", True),
+        ("YES", True),
+        ("on", True),
+        ("0", False),
+        ("false", False),
+        ("No", False),
+        ("off", False),
+    ],
+)
+def test_boolean_words(word: str, value: bool) -> None:
+    settings = parse(["--deployment", "d"], {"VLLM_CHILL_ENABLE_MODEL_SWITCH": word})
+    assert settings.enable_model_switch is value
+
+
+def test_empty_variables_count_as_unset() -> None:
+    settings = parse(SIM, {"VLLM_CHILL_PORT": "", "VLLM_CHILL_ADMIN_TOKEN": " "})
+    assert (settings.port, settings.admin_token) == (8080, None)
+
+
+def test_a_kubernetes_service_link_is_not_a_port() -> None:
+    """A Service named vllm-chill makes Kubernetes set VLLM_CHILL_PORT=tcp://...; ignore it."""
+    environ = {
+        **_sim_env(),
+        "VLLM_CHILL_PORT": "tcp://10.96.0.12:8080",
+        "VLLM_CHILL_SERVICE_HOST": "10.96.0.12",
+        "VLLM_CHILL_SERVICE_PORT": "8080",
+        "VLLM_CHILL_PORT_8080_TCP_ADDR": "10.96.0.12",
+    }
+    settings = parse([], environ)
+    assert settings.port == 8080
+    assert settings.warnings == ()
+
+
+def test_unknown_variables_and_unused_flags_are_warned_about() -> None:
+    settings = parse([*SIM, "--deployment", "vllm"], {"VLLM_CHILL_IDLE_TIMOUT": "1m"})
+    assert settings.warnings == (
+        "ignoring unknown environment variable VLLM_CHILL_IDLE_TIMOUT",
+        "--deployment is not used by the sim backend",
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "flag"),
+    [
+        ("VLLM_CHILL_PORT", "http", "--port"),
+        ("VLLM_CHILL_PORT", "70000", "--port"),
+        ("VLLM_CHILL_IDLE_TIMEOUT", "soon", "--idle-timeout"),
+        ("VLLM_CHILL_MAX_WAIT", "-1", "--max-wait"),
+        ("VLLM_CHILL_BACKEND", "docker", "--backend"),
+        ("VLLM_CHILL_ENABLE_MODEL_SWITCH", "maybe", "--enable-model-switch"),
+        ("VLLM_CHILL_LOG_FORMAT", "xml", "--log-format"),
+        ("VLLM_CHILL_SIM_TOKENS_PER_SECOND", "-3", "--sim-tokens-per-second"),
+        ("VLLM_CHILL_MAX_BODY_SIZE", "lots", "--max-body-size"),
+    ],
+)
+def test_bad_environment_values_name_the_flag_and_the_variable(
+    variable: str, value: str, flag: str
+) -> None:
+    message = error([], {**_sim_env(), variable: value})
+    assert message.startswith(f"argument {flag} (from {variable}): ")
+    assert repr(value) in message
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--port", "x"], "--port"),
+        (["--port", "-1"], "--port"),
+        (["--backend", "docker"], "--backend"),
+        (["--log-level", "loud"], "--log-level"),
+        (["--max-waiting", "0"], "--max-waiting"),
+        (["--command", 'vllm "serve'], "--command"),
+        (["--api-key", ""], "--api-key"),
+        (["--host", " "], "--host"),
+        (["--sim-load-time"], "--sim-load-time"),
+    ],
+)
+def test_bad_flags_name_the_flag(argv: list[str], flag: str) -> None:
+    assert f"argument {flag}" in error([*SIM, *argv])
+
+
+def test_unknown_flags_are_named() -> None:
+    assert error([*SIM, "--idle-timout", "5m"]) == "unrecognized arguments: --idle-timout 5m"
+
+
+# --- secrets and options --------------------------------------------------------------------
+
+
+def test_secrets_never_appear_in_the_repr() -> None:
+    settings = parse(
+        [
+            *SIM,
+            "--api-key",
+            "client-secret-1",
+            "--admin-token",
+            "admin-secret-2",
+            "--upstream-api-key",
+            "vllm-secret-3",
+        ]
+    )
+    for text in (repr(settings), str(settings), repr(settings.proxy_options())):
+        for secret in ("client-secret-1", "admin-secret-2", "vllm-secret-3"):
+            assert secret not in text
+    assert settings.secrets() == ("client-secret-1", "admin-secret-2", "vllm-secret-3")
+
+
+def test_errors_about_secrets_do_not_repeat_them() -> None:
+    message = error([*SIM, "--api-key", "   "])
+    assert message == "argument --api-key: must not be empty"
+
+
+def test_proxy_options() -> None:
+    settings = parse(
+        [
+            *SIM,
+            "--idle-timeout=0",
+            "--max-wait=1m",
+            "--drain-timeout=10s",
+            "--min-residency=0",
+            "--max-waiting=7",
+            "--max-body-size=1MiB",
+            "--api-key=k",
+            "--admin-token=t",
+            "--upstream-api-key=u",
+        ]
+    )
+    assert settings.proxy_options() == ProxyOptions(
+        model_switch_timeout=300,
+        idle_timeout=0,
+        max_wait=60,
+        drain_timeout=10,
+        min_residency=0,
+        max_waiting=7,
+        max_body_size=1 << 20,
+        api_keys=("k",),
+        admin_token="t",
+        upstream_api_key="u",
+    )
+
+
+def _sim_env() -> dict[str, str]:
+    return {"VLLM_CHILL_BACKEND": "sim", "VLLM_CHILL_MODELS": "models.yaml"}
+
+
+def test_models_without_switching_on_kubernetes_is_warned_about() -> None:
+    settings = parse(["--deployment", "vllm", "--models", "m.yaml"])
+    assert settings.warnings == (
+        "--models is not used without --enable-model-switch: only the Deployment's current "
+        "model is served",
+    )

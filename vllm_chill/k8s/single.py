@@ -1,0 +1,107 @@
+"""`DeploymentModelRegistry`: the one model a Deployment runs, for serving without switching.
+
+Without `--enable-model-switch` the proxy serves only what the vLLM Deployment already runs
+(waking it from zero, idling it to zero); every other name is unknown (404). This registry
+reads that model from the Deployment's args and follows edits to them through a watch, so an
+operator's `kubectl edit` is picked up without restarting the proxy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any
+
+import anyio
+from kubernetes import client as k8s_client
+
+from ..model import VLLMModel
+from ..registry import ChangeListener, ListenerSet
+from .backend import model_from_deployment
+from .watch import Informer
+
+logger = logging.getLogger(__name__)
+
+
+class DeploymentModelRegistry:
+    """`ModelRegistry` holding the model the Deployment's container args name.
+
+    Pair it with `K8sDeploymentBackend(..., switch_models=False)`. `start()`/`stop()` must
+    run in the same task; `async with` does both.
+    """
+
+    def __init__(
+        self,
+        api_client: Any,
+        *,
+        namespace: str,
+        deployment: str,
+        container: str | None = None,
+        watch_timeout: float = 300.0,
+    ) -> None:
+        apps = k8s_client.AppsV1Api(api_client)
+        self._name = deployment
+        self._container = container
+        self._informer = Informer(
+            f"Deployment {namespace}/{deployment}",
+            apps.list_namespaced_deployment,
+            namespace,
+            field_selector=f"metadata.name={deployment}",
+            on_change=self._rebuild,
+            watch_timeout=watch_timeout,
+        )
+        self._model: VLLMModel | None = None
+        self._listeners = ListenerSet()
+        self._stack: AsyncExitStack | None = None
+
+    async def start(self) -> None:
+        if self._stack is not None:
+            raise RuntimeError("DeploymentModelRegistry is already started")
+        async with AsyncExitStack() as stack:
+            task_group = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(task_group.cancel_scope.cancel)
+            await task_group.start(self._informer.run)
+            self._stack = stack.pop_all()
+
+    async def stop(self) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+
+    def get(self, served_model_name: str) -> VLLMModel | None:
+        model = self._model
+        return model if model is not None and model.served_model_name == served_model_name else None
+
+    def models(self) -> Sequence[VLLMModel]:
+        return [self._model] if self._model is not None else []
+
+    def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
+        return self._listeners.subscribe(listener)
+
+    def ready(self) -> bool:
+        return self._informer.ready
+
+    async def __aenter__(self) -> DeploymentModelRegistry:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def _rebuild(self) -> None:
+        deployment = self._informer.get(self._name)
+        model = model_from_deployment(deployment, self._container) if deployment else None
+        if model != self._model:
+            if model is None:
+                logger.warning("the Deployment %s names no model in its args", self._name)
+            else:
+                logger.info("serving the Deployment's model %s", model.served_model_name)
+            self._model = model
+            self._listeners.notify()
