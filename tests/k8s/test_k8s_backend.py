@@ -42,7 +42,7 @@ from .cluster import (
     model_manifest,
     simulated_cluster,
 )
-from .emulator import CONFIGMAPS, DEPLOYMENTS
+from .emulator import CONFIGMAPS, DEPLOYMENTS, EVENTS
 
 pytestmark = pytest.mark.anyio
 
@@ -283,12 +283,13 @@ async def test_status_and_events_follow_the_switches() -> None:
         )
 
 
-async def test_forbidden_status_writes_are_logged_once_and_loads_carry_on(
+async def test_forbidden_status_and_event_writes_are_logged_once_and_loads_carry_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="vllm_chill")
     async with simulated_cluster(models=[A, B]) as cluster:
         cluster.server.fail_next("PATCH", VLLMMODELS, 403, subresource="status", times=1000)
+        cluster.server.fail_next("POST", EVENTS, 403, times=1000)
         async with started(cluster) as backend:
             await load(backend, MODEL_A)
             loaded = await load(backend, MODEL_B)
@@ -296,9 +297,14 @@ async def test_forbidden_status_writes_are_logged_once_and_loads_carry_on(
         # stop() flushed the queued writes; every one of them was refused
         assert len(cluster.server.requests_to("PATCH", VLLMMODELS, subresource="status")) >= 4
         assert cluster.model_status("model-a") == {}
-        forbidden = [r for r in caplog.records if "not allowed to write" in r.getMessage()]
-        assert len(forbidden) == 1
-        assert "vllmmodels/status" in forbidden[0].getMessage()
+        assert len(cluster.server.requests_to("POST", EVENTS)) >= 3
+        assert cluster.events() == []
+        forbidden = [
+            r.getMessage() for r in caplog.records if "not allowed to write" in r.getMessage()
+        ]
+        assert len(forbidden) == 2  # once per kind of write, not once per write
+        assert any("vllmmodels/status" in message for message in forbidden)
+        assert any("events" in message for message in forbidden)
 
 
 # -- the API misbehaving -------------------------------------------------------------------------
