@@ -43,14 +43,14 @@ import kmock
 from anyio.abc import TaskGroup, TaskStatus
 from kubernetes import client as k8s_client
 
-from vllm_chill.model import API_VERSION, KIND, PLURAL
+from vllm_chill.model import API_GROUP, API_VERSION, KIND, PLURAL
 from vllm_chill.sim.server import SimModelServer
 
 from .emulator import CONFIGMAPS, DEPLOYMENTS, PODS, ApiServer, now_iso
 
 logger = logging.getLogger(__name__)
 
-VLLMMODELS = kmock.resource(*API_VERSION.split("/"), PLURAL)
+VLLMMODELS = kmock.resource(API_GROUP, API_VERSION.split("/")[1], PLURAL)
 
 CRASH_LOOP = "crash-loop"
 IMAGE_PULL = "image-pull"
@@ -152,8 +152,8 @@ class KubeletSim:
         *,
         service_port: int,
         failures: Mapping[str, str] | None = None,
-        load_time: float = 0.2,
-        step: float = 0.02,
+        load_time: float = 0.1,
+        step: float = 0.01,
     ) -> None:
         self._api = api_url
         self.namespace = namespace
@@ -258,7 +258,7 @@ class KubeletSim:
         meta = copy.deepcopy(template.get("metadata") or {})
         name = f"{self.deployment}-{thash[:8]}-{uuid.uuid4().hex[:5]}"
         labels = dict(meta.get("labels") or {}, **{"pod-template-hash": thash[:8]})
-        body = {
+        body: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {
@@ -529,7 +529,7 @@ class Cluster:
     configmap: str
 
     def get_deployment(self) -> dict[str, Any]:
-        obj = self.server.get(DEPLOYMENTS, self.namespace, self.deployment)
+        obj = self.server.read(DEPLOYMENTS, self.namespace, self.deployment)
         assert obj is not None
         return obj
 
@@ -540,12 +540,12 @@ class Cluster:
         return int(self.get_deployment()["spec"]["replicas"])
 
     def configmap_data(self) -> dict[str, str]:
-        obj = self.server.get(CONFIGMAPS, self.namespace, self.configmap)
+        obj = self.server.read(CONFIGMAPS, self.namespace, self.configmap)
         assert obj is not None
         return dict(obj.get("data") or {})
 
     def model_status(self, name: str) -> dict[str, Any]:
-        obj = self.server.get(VLLMMODELS, self.namespace, name)
+        obj = self.server.read(VLLMMODELS, self.namespace, name)
         assert obj is not None
         return dict(obj.get("status") or {})
 
@@ -572,12 +572,12 @@ class Cluster:
 
     def patch_deployment(self, patch: dict[str, Any]) -> dict[str, Any]:
         """Someone else (an operator, another tool) changes the Deployment."""
-        return self.server.patch(DEPLOYMENTS, self.namespace, self.deployment, patch)
+        return self.server.merge(DEPLOYMENTS, self.namespace, self.deployment, patch)
 
     def add_model(self, manifest: dict[str, Any]) -> dict[str, Any]:
         manifest = copy.deepcopy(manifest)
         manifest["metadata"]["namespace"] = self.namespace
-        return self.server.put(VLLMMODELS, manifest)
+        return self.server.store(VLLMMODELS, manifest)
 
 
 @contextlib.asynccontextmanager
@@ -589,8 +589,8 @@ async def simulated_cluster(
     args: Sequence[str] | None = None,
     replicas: int = 0,
     failures: Mapping[str, str] | None = None,
-    load_time: float = 0.2,
-    step: float = 0.02,
+    load_time: float = 0.1,
+    step: float = 0.01,
 ) -> AsyncIterator[Cluster]:
     """An API server with the vLLM Deployment, its ConfigMap and `models`, plus a kubelet.
 
@@ -601,10 +601,10 @@ async def simulated_cluster(
         api_url = f"http://127.0.0.1:{http.port}"
         if args is None:
             args = ["--model", "org/initial", "--served-model-name", "initial", *BASE_ARGS]
-        server.put(
+        server.store(
             DEPLOYMENTS, vllm_deployment(namespace, deployment, args=args, replicas=replicas)
         )
-        server.put(
+        server.store(
             CONFIGMAPS,
             {
                 "apiVersion": "v1",
@@ -616,7 +616,7 @@ async def simulated_cluster(
         for manifest in models:
             seeded = copy.deepcopy(manifest)
             seeded["metadata"]["namespace"] = namespace
-            server.put(VLLMMODELS, seeded)
+            server.store(VLLMMODELS, seeded)
         port = free_port()
         sim = KubeletSim(
             api_url,

@@ -164,7 +164,7 @@ class ApiServer(kmock.KubernetesEmulator):
     def resource_version(self) -> int:
         return self._rv
 
-    def get(self, resource: kmock.resource, namespace: str | None, name: str) -> Obj | None:
+    def read(self, resource: kmock.resource, namespace: str | None, name: str) -> Obj | None:
         key = (resource, namespace, name)
         if key not in self._objects or self._objects[key].deleted:
             return None
@@ -177,18 +177,18 @@ class ApiServer(kmock.KubernetesEmulator):
             if res == resource and not obj.deleted and (namespace is None or ns == namespace)
         ]
 
-    def put(self, resource: kmock.resource, obj: Obj) -> Obj:
+    def store(self, resource: kmock.resource, obj: Obj) -> Obj:
         """Create or overwrite an object directly (test set-up), with a watch event."""
         meta = obj.setdefault("metadata", {})
-        existing = self.get(resource, meta.get("namespace"), meta["name"])
+        existing = self.read(resource, meta.get("namespace"), meta["name"])
         if existing is None:
             return self._create(resource, meta.get("namespace"), obj)
         meta["resourceVersion"] = existing["metadata"]["resourceVersion"]
         return self._write(resource, existing, obj, subresource=None, force_status=True)
 
-    def patch(self, resource: kmock.resource, namespace: str | None, name: str, patch: Obj) -> Obj:
+    def merge(self, resource: kmock.resource, namespace: str | None, name: str, patch: Obj) -> Obj:
         """Merge-patch an object directly (another actor's write), with a watch event."""
-        old = self.get(resource, namespace, name)
+        old = self.read(resource, namespace, name)
         if old is None:
             raise KeyError(name)
         return self._write(resource, old, _merge_patch(old, patch), subresource=None)
@@ -314,7 +314,7 @@ class ApiServer(kmock.KubernetesEmulator):
             raise status_error(422, "Invalid", "metadata.name: Required value")
         if namespace is not None:
             meta["namespace"] = namespace
-        if self.get(resource, namespace, name) is not None:
+        if self.read(resource, namespace, name) is not None:
             raise status_error(409, "AlreadyExists", f'{resource.plural} "{name}" already exists')
         meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = now_iso()
@@ -375,13 +375,13 @@ class ApiServer(kmock.KubernetesEmulator):
         if new == old:
             return copy.deepcopy(old)  # a no-op write keeps its resourceVersion, as Kubernetes does
         meta["resourceVersion"] = self._next_rv()
-        key = (resource, old["metadata"].get("namespace"), old["metadata"]["name"])
-        self._objects[key].history.append(new)
+        address = (resource, old["metadata"].get("namespace"), old["metadata"]["name"])
+        self._objects[address].history.append(new)
         self._emit(resource, "MODIFIED", new)
         return copy.deepcopy(new)
 
-    def delete(self, resource: kmock.resource, namespace: str | None, name: str) -> Obj:
-        old = self.get(resource, namespace, name)
+    def remove(self, resource: kmock.resource, namespace: str | None, name: str) -> Obj:
+        old = self.read(resource, namespace, name)
         if old is None:
             raise status_error(404, "NotFound", f'{resource.plural} "{name}" not found')
         old["metadata"]["resourceVersion"] = self._next_rv()
@@ -393,7 +393,7 @@ class ApiServer(kmock.KubernetesEmulator):
 
     def _existing(self, request: rendering.Request) -> Obj:
         assert request.resource is not None and request.name is not None
-        obj = self.get(request.resource, request.namespace, request.name)
+        obj = self.read(request.resource, request.namespace, request.name)
         if obj is None:
             raise status_error(
                 404, "NotFound", f'{request.resource.plural} "{request.name}" not found'
@@ -454,7 +454,7 @@ class ApiServer(kmock.KubernetesEmulator):
 
     async def _serve_delete(self, request: rendering.Request) -> rendering.Payload:
         assert request.resource is not None and request.name is not None
-        return self.delete(request.resource, request.namespace, request.name)
+        return self.remove(request.resource, request.namespace, request.name)
 
     async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:
         assert request.resource is not None

@@ -23,6 +23,10 @@ from vllm_chill.k8s import DeploymentModelRegistry, K8sDeploymentBackend
 from vllm_chill.k8s.rollout import (
     ACTIVE_MODEL,
     PHASE_MODELS,
+    PHASE_OLD_PODS,
+    PHASE_PULLING,
+    PHASE_SCHEDULING,
+    PHASE_STARTING,
     PHASE_UPDATING,
     POD_MODEL_HASH,
     SWITCHED_BY,
@@ -56,6 +60,14 @@ BROKEN = model_manifest("broken")
 MODEL_A = VLLMModel.from_manifest(A)
 MODEL_B = VLLMModel.from_manifest(B)
 MODEL_BROKEN = VLLMModel.from_manifest(BROKEN)
+PHASES = [
+    PHASE_UPDATING,
+    PHASE_OLD_PODS,
+    PHASE_SCHEDULING,
+    PHASE_PULLING,
+    PHASE_STARTING,
+    PHASE_MODELS,
+]
 
 
 class Lost:
@@ -147,7 +159,7 @@ async def test_switch_a_b_a_rewrites_the_args_and_the_named_model_answers() -> N
         assert cluster.args() == [*MODEL_A.vllm_args(), *BASE_ARGS]
         assert cluster.replicas() == 1
         assert phases[0] == PHASE_UPDATING
-        assert "waiting for pod to be scheduled" in phases
+        assert phases == sorted(phases, key=PHASES.index)  # forward only
 
         loaded = await load(backend, MODEL_B)
         assert await answering_model(loaded) == "model-b"
@@ -160,6 +172,22 @@ async def test_switch_a_b_a_rewrites_the_args_and_the_named_model_answers() -> N
         assert cluster.args() == [*MODEL_A.vllm_args(), *BASE_ARGS]
         assert cluster.sim.started == ["model-a", "model-b", "model-a"]
         assert cluster.get_deployment()["metadata"]["annotations"][ACTIVE_MODEL] == "model-a"
+
+
+async def test_progress_follows_the_pod_through_its_phases() -> None:
+    # Slow steps, so that each state lasts long enough to be seen.
+    async with (
+        simulated_cluster(models=[A], step=0.3, load_time=0.3) as cluster,
+        started(cluster) as backend,
+    ):
+        phases: list[str] = []
+        await load(backend, MODEL_A, phases)
+        assert phases == [
+            PHASE_UPDATING,
+            PHASE_SCHEDULING,
+            PHASE_PULLING,
+            PHASE_STARTING,
+        ]
 
 
 async def test_loading_the_running_model_again_does_not_roll_the_pod() -> None:
@@ -370,7 +398,7 @@ async def test_two_replicas_racing_for_different_models_lose_no_update() -> None
     async with simulated_cluster(models=[A, B]) as cluster:
         lost = {"proxy-1": Lost(), "proxy-2": Lost()}
         # Hold the first write back so both replicas read the same version before writing.
-        cluster.server.delay_next("PATCH", DEPLOYMENTS, 0.3)
+        cluster.server.delay_next("PATCH", DEPLOYMENTS, 1.0)
         results: dict[str, LoadedModel] = {}
         async with (
             started(cluster, lost["proxy-1"], instance_id="proxy-1") as one,
@@ -640,4 +668,4 @@ async def test_the_deployment_object_keeps_fields_the_client_does_not_model() ->
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         assert container["futureField"] == {"x": 1}
         assert container["envFrom"] == [{"configMapRef": {"name": "vllm-config"}}]
-        assert cluster.server.get(DEPLOYMENTS, cluster.namespace, cluster.deployment) is not None
+        assert cluster.server.read(DEPLOYMENTS, cluster.namespace, cluster.deployment) is not None

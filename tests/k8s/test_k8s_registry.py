@@ -70,7 +70,7 @@ async def test_additions_changes_and_deletions_arrive_through_the_watch() -> Non
 
         await changed(
             registry,
-            lambda: cluster.server.patch(
+            lambda: cluster.server.merge(
                 VLLMMODELS, cluster.namespace, "model-b", {"spec": {"maxModelLen": 8192}}
             ),
         )
@@ -78,7 +78,7 @@ async def test_additions_changes_and_deletions_arrive_through_the_watch() -> Non
         assert model is not None and model.max_model_len == 8192
 
         await changed(
-            registry, lambda: cluster.server.delete(VLLMMODELS, cluster.namespace, "model-a")
+            registry, lambda: cluster.server.remove(VLLMMODELS, cluster.namespace, "model-a")
         )
         assert served(registry) == ["model-b"]
 
@@ -98,7 +98,7 @@ async def test_an_invalid_object_is_skipped_with_a_warning_and_a_failed_status(
 
         await changed(
             registry,
-            lambda: cluster.server.patch(
+            lambda: cluster.server.merge(
                 VLLMMODELS,
                 cluster.namespace,
                 "bad",

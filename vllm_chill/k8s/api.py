@@ -123,8 +123,13 @@ def load_api_client(kubeconfig: str | None = None, *, context: str | None = None
     if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
         config.load_incluster_config(client_configuration=configuration)
     else:
+        # The client reads KUBECONFIG once, at import; read it now. Several paths may be
+        # listed (os.pathsep), as kubectl allows. Never write refreshed tokens back.
         config.load_kube_config(
-            config_file=kubeconfig, context=context, client_configuration=configuration
+            config_file=kubeconfig or os.environ.get("KUBECONFIG") or None,
+            context=context,
+            client_configuration=configuration,
+            persist_config=False,
         )
     return k8s_client.ApiClient(configuration)
 

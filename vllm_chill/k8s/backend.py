@@ -10,8 +10,11 @@ Several proxy replicas may share the Deployment. Every write is a merge patch ca
 resourceVersion it was computed from, so a concurrent write makes it fail with 409 and it is
 recomputed from a fresh read: no update is ever lost. A replica that finds another replica's
 switch in progress (the Deployment's `switched-by` claim, see `deployment.py`) follows it: it
-waits until that rollout is complete or failed, then makes its own switch if its model is
-still wanted. It never cuts another replica's rollout short, which would only make both fail.
+waits until that switch has failed, been scaled to zero, or been confirmed ready by its proxy
+(the `ready-hash` annotation, written once `/v1/models` lists the model), then makes its own
+switch; its load simply takes longer. It never cuts another replica's switch short, which
+would only make both fail, and neither does `unload()`. Replicas with different models in
+demand therefore take turns, one full load each; the winner learns of the loss via `on_lost`.
 
 `start()` adopts a model that is already up and ready (a restarted proxy does not reload it).
 A rollout still in progress at start is not adopted: `start()` returns None, and the first

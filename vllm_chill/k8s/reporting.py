@@ -100,6 +100,8 @@ class Reporter:
         async for job in self._receive:
             try:
                 await job()
+            except Exception:  # best effort: a failed write must not take the proxy down
+                logger.exception("writing a status or an Event failed")
             finally:
                 self._pending -= 1
                 if not self._pending and self._idle is not None:

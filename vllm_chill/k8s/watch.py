@@ -17,6 +17,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -142,6 +143,8 @@ class Informer:
         self.synced = False
         #: Whether the last request to the API server succeeded.
         self.ready = False
+        #: Watch events applied so far (for the tests and the spin guard).
+        self.events = 0
         self._failures = 0
 
     def get(self, name: str) -> Obj | None:
@@ -161,7 +164,13 @@ class Informer:
                 if not started:
                     task_status.started()
                     started = True
+                opened = time.monotonic()
+                events = self.events
                 version = await self._watch(version)
+                if self.events == events and time.monotonic() - opened < 1.0:
+                    # A stream that ends at once, empty, is a misbehaving proxy or server:
+                    # do not spin on it.
+                    await anyio.sleep(self._backoff.next())
             except _Gone:
                 logger.info("%s: watch expired (410 Gone), listing again", self.what)
                 version = None
@@ -173,6 +182,14 @@ class Informer:
                 await anyio.sleep(self._backoff.next())
                 if exc.status == GONE:
                     version = None
+            except Exception:  # a bug or a garbled answer must not end the watching
+                logger.exception("%s: watching failed; listing again", self.what)
+                self.ready = False
+                version = None
+                if not started:
+                    task_status.started()
+                    started = True
+                await anyio.sleep(self._backoff.next())
 
     def _failed(self, exc: ApiError) -> None:
         self.ready = False
@@ -235,7 +252,11 @@ class Informer:
                 if line is None:
                     return version
                 if line.strip():
-                    version = self._apply(json.loads(line), version)
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        raise ApiError(0, "a watch event was not JSON") from None
+                    version = self._apply(event, version)
         finally:
             stream.abort()
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
@@ -250,6 +271,7 @@ class Informer:
                 raise _Gone()
             raise ApiError(code, str(obj.get("message") or "watch error"))
         new_version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+        self.events += 1
         if kind == "BOOKMARK":
             return new_version
         name = _name(obj)
