@@ -21,9 +21,7 @@ pytestmark = pytest.mark.anyio
 
 
 def registry() -> StaticRegistry:
-    return StaticRegistry(
-        [VLLMModel.from_spec({"modelName": "org/m", "servedModelName": "m"})]
-    )
+    return StaticRegistry([VLLMModel.from_spec({"modelName": "org/m", "servedModelName": "m"})])
 
 
 async def hello(request: Request) -> PlainTextResponse:

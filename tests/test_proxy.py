@@ -274,11 +274,18 @@ MALFORMED: list[tuple[str, dict[str, Any], int, str]] = [
         400,
         "invalid_request",
     ),
-    ("/v1/chat/completions", {"content": json.dumps(chat("a;rm -rf /")).encode()}, 404,
-     "model_not_found"),
+    (
+        "/v1/chat/completions",
+        {"content": json.dumps(chat("a;rm -rf /")).encode()},
+        404,
+        "model_not_found",
+    ),
     (
         "/v1/audio/transcriptions",
-        {"content": b"--zz\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=zz"}},
+        {
+            "content": b"--zz\r\nbroken",
+            "headers": {"content-type": "multipart/form-data; boundary=zz"},
+        },
         400,
         "invalid_request",
     ),
@@ -304,9 +311,7 @@ async def test_malformed_requests_get_openai_shaped_4xx_and_the_server_stays_up(
             error = r.json()["error"]
             assert error["code"] == code, (path, r.text)
             assert set(error) >= {"message", "type", "code"}
-        huge = await s.http.post(
-            s.url + "/v1/chat/completions", content=b"x" * (1024 * 1024 + 1)
-        )
+        huge = await s.http.post(s.url + "/v1/chat/completions", content=b"x" * (1024 * 1024 + 1))
         assert huge.status_code == 413
         assert huge.json()["error"]["code"] == "request_too_large"
         assert (await s.http.get(s.url + "/health")).text == "OK"
@@ -359,7 +364,9 @@ async def test_admin_endpoints() -> None:
             s.url + "/proxy/models/switch", json={"model": "beta"}, headers=headers
         )
         assert r.status_code == 200
-        r = await s.http.post(s.url + "/proxy/models/switch", json={"model": "zzz"}, headers=headers)
+        r = await s.http.post(
+            s.url + "/proxy/models/switch", json={"model": "zzz"}, headers=headers
+        )
         assert r.status_code == 404
         models = (await s.http.get(s.url + "/proxy/models", headers=headers)).json()["data"]
         assert {m["id"]: m["state"] for m in models}["beta"] == "loaded"

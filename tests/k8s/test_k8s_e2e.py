@@ -1,0 +1,118 @@
+"""The seed's flow through the proxy, against the API emulator and the simulated kubelet:
+the official `openai` client asks for models by name; the args land in the Deployment; the
+model named answers; a crash-looping model fails in seconds with its reason; idling scales to
+zero."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+import openai
+import pytest
+
+from tests.servers import serve
+from vllm_chill import ModelSwitchMiddleware
+from vllm_chill.k8s.backend import K8sDeploymentBackend
+from vllm_chill.k8s.crd_registry import CRDRegistry
+
+from .cluster import BASE_ARGS, CRASH_LOOP, Cluster, model_manifest, simulated_cluster
+
+pytestmark = pytest.mark.anyio
+
+MODELS = [
+    model_manifest("qwen3-coder-30b-fp8"),
+    model_manifest("deepseek-r1-fp8"),
+    model_manifest("crashy"),
+]
+
+
+@asynccontextmanager
+async def proxy_on_cluster(**options: Any) -> AsyncIterator[tuple[Cluster, str]]:
+    async with simulated_cluster(models=MODELS, failures={"crashy": CRASH_LOOP}) as cluster:
+        backend = K8sDeploymentBackend(
+            cluster.api_client,
+            namespace=cluster.namespace,
+            deployment=cluster.deployment,
+            configmap="vllm-config",
+            upstream=cluster.upstream,
+        )
+        registry = CRDRegistry(cluster.api_client, cluster.namespace)
+        options.setdefault("min_residency", 0)
+        proxy = ModelSwitchMiddleware(registry=registry, backend=backend, **options)
+        async with serve(proxy) as url:
+            yield cluster, url
+
+
+def chat(model: str) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+async def test_switch_a_b_a_lands_args_and_answers_from_the_model_named() -> None:
+    async with proxy_on_cluster(max_wait=30) as (cluster, url):
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=5)
+        try:
+            for name in ("qwen3-coder-30b-fp8", "deepseek-r1-fp8", "qwen3-coder-30b-fp8"):
+                answer = await client.chat.completions.create(**chat(name))
+                assert answer.model == name
+                args = cluster.args()
+                assert args[args.index("--served-model-name") + 1] == name
+                for kept in BASE_ARGS:  # args vLLM's operator set are kept as they were
+                    assert kept in args
+                flags = [a for a in args if a.startswith("--") and "=" not in a]
+                assert len(flags) == len(set(flags)), args  # no duplicated flag
+                assert cluster.configmap_data()["SERVED_MODEL_NAME"] == name
+                assert cluster.replicas() == 1
+            listed = {m.id: m.model_extra["state"] for m in (await client.models.list()).data}  # type: ignore[index]
+            assert listed["qwen3-coder-30b-fp8"] == "loaded"
+            assert listed["deepseek-r1-fp8"] == "unloaded"
+        finally:
+            await client.close()
+
+
+async def test_seed_503_then_answer_with_max_wait_zero() -> None:
+    async with proxy_on_cluster() as (cluster, url), httpx.AsyncClient(base_url=url) as http:
+        r = await http.post("/v1/chat/completions", json=chat("deepseek-r1-fp8"))
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "model_switching_in_progress"
+        assert int(r.headers["retry-after"]) >= 1
+        with anyio.fail_after(30):
+            while (await http.get("/v1/models/deepseek-r1-fp8")).json()["state"] != "loaded":
+                await anyio.sleep(0.05)
+        r = await http.post("/v1/chat/completions", json=chat("deepseek-r1-fp8"))
+        assert r.status_code == 200 and r.json()["model"] == "deepseek-r1-fp8"
+
+
+async def test_crash_loop_fails_in_seconds_with_its_reason_and_scales_to_zero() -> None:
+    async with proxy_on_cluster(max_wait=60, model_switch_timeout=120) as (cluster, url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            started = anyio.current_time()
+            r = await http.post("/v1/chat/completions", json=chat("crashy"))
+            took = anyio.current_time() - started
+            assert r.status_code == 503
+            error = r.json()["error"]
+            assert error["code"] == "model_switch_failed"
+            assert "CrashLoopBackOff" in error["message"]
+            assert took < 30, "failed by the pod's reason, not by the 120s switch timeout"
+            await cluster.wait_for(lambda: cluster.replicas() == 0)
+            status = cluster.model_status("crashy")
+            assert status["phase"] == "Failed"
+            # Other models still load afterwards.
+            r = await http.post("/v1/chat/completions", json=chat("deepseek-r1-fp8"))
+            assert r.status_code == 200 and r.json()["model"] == "deepseek-r1-fp8"
+
+
+async def test_idle_scales_the_deployment_to_zero_and_a_request_wakes_it() -> None:
+    async with proxy_on_cluster(max_wait=30, idle_timeout=0.5) as (cluster, url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            r = await http.post("/v1/chat/completions", json=chat("qwen3-coder-30b-fp8"))
+            assert r.status_code == 200
+            await cluster.wait_for(lambda: cluster.replicas() == 0)
+            status = (await http.get("/proxy/status")).json()
+            assert status["phase"] == "idle"
+            r = await http.post("/v1/chat/completions", json=chat("qwen3-coder-30b-fp8"))
+            assert r.status_code == 200 and r.json()["model"] == "qwen3-coder-30b-fp8"
+            assert cluster.replicas() == 1
