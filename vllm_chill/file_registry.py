@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, replace
-from types import TracebackType
 from typing import Any
 
 import anyio
@@ -34,7 +33,7 @@ except ImportError:  # pragma: no cover - only in a broken install
     HAVE_WATCHFILES = False
 
 from .model import KIND, ModelValidationError, VLLMModel
-from .registry import ChangeListener, ListenerSet, index_models
+from .registry import IndexedRegistry, index_models
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +196,7 @@ def read_models(
     return list(index_models(m for models in by_file.values() for m in models).values())
 
 
-class FileRegistry:
+class FileRegistry(IndexedRegistry):
     """Models from YAML files and directories (SPEC §1), reloaded when the files change.
 
     Lookups never touch the disk. `start()` and `stop()` must run in the same task (as ASGI
@@ -215,8 +214,7 @@ class FileRegistry:
         self._roots = tuple(dict.fromkeys(_normalize(p) for p in paths))
         self._namespace = namespace
         self._by_file: dict[str, tuple[VLLMModel, ...]] = {}
-        self._index: dict[str, VLLMModel] = {}
-        self._listeners = ListenerSet()
+        super().__init__()
         self._reported: dict[str, tuple[str, ...]] = {}
         self._stack: AsyncExitStack | None = None
         # Created by start(): anyio primitives belong to the running event loop.
@@ -268,29 +266,8 @@ class FileRegistry:
         if stack is not None:
             await stack.aclose()
 
-    def get(self, served_model_name: str) -> VLLMModel | None:
-        return self._index.get(served_model_name)
-
-    def models(self) -> Sequence[VLLMModel]:
-        return list(self._index.values())
-
-    def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
-        return self._listeners.subscribe(listener)
-
     def ready(self) -> bool:
         return self._ready
-
-    async def __aenter__(self) -> FileRegistry:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # -- watching ------------------------------------------------------------------------
 

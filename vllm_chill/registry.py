@@ -8,7 +8,8 @@ background and tell listeners when it changed.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol, runtime_checkable
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
 
 from .model import VLLMModel
 
@@ -74,11 +75,13 @@ def index_models(models: Iterable[VLLMModel]) -> dict[str, VLLMModel]:
     return dict(sorted(index.items()))
 
 
-class StaticRegistry:
-    """A fixed list of models, for libraries and tests."""
+class IndexedRegistry:
+    """The in-memory half every registry shares: the index by served name that lookups read
+    without I/O, the listeners, and `async with`. Subclasses fill `_index` and call
+    `_listeners.notify()` when it changed; they define `start`, `stop` and `ready`."""
 
-    def __init__(self, models: Iterable[VLLMModel]) -> None:
-        self._index = index_models(models)
+    def __init__(self) -> None:
+        self._index: dict[str, VLLMModel] = {}
         self._listeners = ListenerSet()
 
     async def start(self) -> None:
@@ -95,6 +98,26 @@ class StaticRegistry:
 
     def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
         return self._listeners.subscribe(listener)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+class StaticRegistry(IndexedRegistry):
+    """A fixed list of models, for libraries and tests."""
+
+    def __init__(self, models: Iterable[VLLMModel]) -> None:
+        super().__init__()
+        self._index = index_models(models)
 
     def ready(self) -> bool:
         return True

@@ -13,16 +13,14 @@ sees it in `kubectl get vllmmodels` rather than only in the proxy's log.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
-from types import TracebackType
 from typing import Any
 
 import anyio
 from kubernetes import client as k8s_client
 
 from ..model import API_GROUP, API_VERSION, KIND, PLURAL, ModelValidationError, VLLMModel
-from ..registry import ChangeListener, ListenerSet
+from ..registry import IndexedRegistry
 from .api import Obj
 from .reporting import Reporter
 from .watch import Informer
@@ -33,7 +31,7 @@ logger = logging.getLogger(__name__)
 INVALID_PREFIX = "invalid VLLMModel: "
 
 
-class CRDRegistry:
+class CRDRegistry(IndexedRegistry):
     """`ModelRegistry` over `VLLMModel` resources in one namespace (SPEC §1, §4).
 
     `start()` returns after the first list attempt: with the API unreachable, the registry
@@ -63,8 +61,7 @@ class CRDRegistry:
             watch_timeout=watch_timeout,
         )
         self._reporter = Reporter(api_client, namespace, instance="vllm-chill-registry")
-        self._index: dict[str, VLLMModel] = {}
-        self._listeners = ListenerSet()
+        super().__init__()
         self._problems: dict[str, str] = {}
         self._sent: dict[str, tuple[str, str]] = {}
         self._stack: AsyncExitStack | None = None
@@ -94,29 +91,8 @@ class CRDRegistry:
             await self._reporter.flush(2.0)
             await stack.aclose()
 
-    def get(self, served_model_name: str) -> VLLMModel | None:
-        return self._index.get(served_model_name)
-
-    def models(self) -> Sequence[VLLMModel]:
-        return list(self._index.values())
-
-    def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
-        return self._listeners.subscribe(listener)
-
     def ready(self) -> bool:
         return self._informer.ready
-
-    async def __aenter__(self) -> CRDRegistry:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # -- cache -----------------------------------------------------------------------------
 

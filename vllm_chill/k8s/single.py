@@ -9,23 +9,21 @@ operator's `kubectl edit` is picked up without restarting the proxy.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
-from types import TracebackType
 from typing import Any
 
 import anyio
 from kubernetes import client as k8s_client
 
 from ..model import VLLMModel
-from ..registry import ChangeListener, ListenerSet
+from ..registry import IndexedRegistry
 from .backend import model_from_deployment
 from .watch import Informer
 
 logger = logging.getLogger(__name__)
 
 
-class DeploymentModelRegistry:
+class DeploymentModelRegistry(IndexedRegistry):
     """`ModelRegistry` holding the model the Deployment's container args name.
 
     Pair it with `K8sDeploymentBackend(..., switch_models=False)`. `start()`/`stop()` must
@@ -52,8 +50,8 @@ class DeploymentModelRegistry:
             on_change=self._rebuild,
             watch_timeout=watch_timeout,
         )
+        super().__init__()
         self._model: VLLMModel | None = None
-        self._listeners = ListenerSet()
         self._stack: AsyncExitStack | None = None
 
     async def start(self) -> None:
@@ -70,30 +68,8 @@ class DeploymentModelRegistry:
         if stack is not None:
             await stack.aclose()
 
-    def get(self, served_model_name: str) -> VLLMModel | None:
-        model = self._model
-        return model if model is not None and model.served_model_name == served_model_name else None
-
-    def models(self) -> Sequence[VLLMModel]:
-        return [self._model] if self._model is not None else []
-
-    def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
-        return self._listeners.subscribe(listener)
-
     def ready(self) -> bool:
         return self._informer.ready
-
-    async def __aenter__(self) -> DeploymentModelRegistry:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def _rebuild(self) -> None:
         deployment = self._informer.get(self._name)
@@ -104,4 +80,5 @@ class DeploymentModelRegistry:
             else:
                 logger.info("serving the Deployment's model %s", model.served_model_name)
             self._model = model
+            self._index = {model.served_model_name: model} if model is not None else {}
             self._listeners.notify()
