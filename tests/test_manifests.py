@@ -193,7 +193,14 @@ def test_kubernetes_validate_would_catch_a_broken_crd() -> None:
 # -- the examples -------------------------------------------------------------------------
 
 
-EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
+#: The model files; 00-namespace.yaml creates ai-apps first when the folder is applied whole.
+EXAMPLE_FILES = sorted(p for p in EXAMPLES.glob("*.yaml") if p.name != "00-namespace.yaml")
+
+
+def test_applying_the_examples_folder_creates_its_namespace_first() -> None:
+    first = sorted(EXAMPLES.glob("*.yaml"))[0]
+    [doc] = list(yaml.safe_load_all(first.read_text()))
+    assert (doc["kind"], doc["metadata"]["name"]) == ("Namespace", "ai-apps")
 
 
 def test_the_examples_are_the_documented_models() -> None:
