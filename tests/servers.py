@@ -21,7 +21,8 @@ class _Embedded(uvicorn.Server):
 @contextlib.asynccontextmanager
 async def serve(app: ASGIApp, *, lifespan: str = "on") -> AsyncIterator[str]:
     """Serve `app` on a free loopback port (lifespan included); yield its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP (not 0) so that asyncio turns Nagle off, as it does for its own sockets.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(2048)
