@@ -6,6 +6,7 @@ dependencies (Kubernetes, processes, the simulator) are imported on first use.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import Backend, LoadedModel, LoadError
@@ -41,8 +42,6 @@ def __getattr__(name: str) -> Any:
     target = _LAZY.get(name)
     if target is None:
         raise AttributeError(f"module 'vllm_chill' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(target[0]), target[1])
     globals()[name] = value
     return value

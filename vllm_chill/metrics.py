@@ -19,10 +19,19 @@ _SWITCH_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 90, 120, 180, 300, 600, 900)
 class ModelMetrics:
     """The label children of one model, resolved once."""
 
+    name: str
+    requests: Counter
     duration: Histogram
     in_flight: Gauge
     waiting: Gauge
     by_status: dict[int, Counter] = field(default_factory=dict)
+
+    def count(self, status: int) -> None:
+        """One request answered with `status`."""
+        counter = self.by_status.get(status)
+        if counter is None:
+            counter = self.by_status[status] = self.requests.labels(self.name, str(status))
+        counter.inc()
 
 
 class Metrics:
@@ -85,6 +94,8 @@ class Metrics:
         found = self._models.get(name)
         if found is None:
             found = ModelMetrics(
+                name=name,
+                requests=self.requests,
                 duration=self.request_duration.labels(name),
                 in_flight=self.in_flight.labels(name),
                 waiting=self.waiting.labels(name),
@@ -93,11 +104,7 @@ class Metrics:
         return found
 
     def count_request(self, name: str, status: int) -> None:
-        model = self.model(name)
-        counter = model.by_status.get(status)
-        if counter is None:
-            counter = model.by_status[status] = self.requests.labels(name, str(status))
-        counter.inc()
+        self.model(name).count(status)
 
     def set_active(self, name: str | None, known: list[str]) -> None:
         for other in known:

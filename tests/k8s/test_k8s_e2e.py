@@ -74,7 +74,7 @@ async def test_switch_a_b_a_lands_args_and_answers_from_the_model_named() -> Non
 
 
 async def test_seed_503_then_answer_with_max_wait_zero() -> None:
-    async with proxy_on_cluster() as (cluster, url), httpx.AsyncClient(base_url=url) as http:
+    async with proxy_on_cluster() as (_, url), httpx.AsyncClient(base_url=url) as http:
         r = await http.post("/v1/chat/completions", json=chat("deepseek-r1-fp8"))
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "model_switching_in_progress"
@@ -87,32 +87,37 @@ async def test_seed_503_then_answer_with_max_wait_zero() -> None:
 
 
 async def test_crash_loop_fails_in_seconds_with_its_reason_and_scales_to_zero() -> None:
-    async with proxy_on_cluster(max_wait=60, model_switch_timeout=120) as (cluster, url):
-        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
-            started = anyio.current_time()
-            r = await http.post("/v1/chat/completions", json=chat("crashy"))
-            took = anyio.current_time() - started
-            assert r.status_code == 503
-            error = r.json()["error"]
-            assert error["code"] == "model_switch_failed"
-            assert "CrashLoopBackOff" in error["message"]
-            assert took < 30, "failed by the pod's reason, not by the 120s switch timeout"
-            await cluster.wait_for(lambda: cluster.replicas() == 0)
-            status = cluster.model_status("crashy")
-            assert status["phase"] == "Failed"
-            # Other models still load afterwards.
-            r = await http.post("/v1/chat/completions", json=chat("deepseek-r1-fp8"))
-            assert r.status_code == 200 and r.json()["model"] == "deepseek-r1-fp8"
+    options = {"max_wait": 60, "model_switch_timeout": 120}
+    async with (
+        proxy_on_cluster(**options) as (cluster, url),
+        httpx.AsyncClient(base_url=url, timeout=60) as http,
+    ):
+        started = anyio.current_time()
+        r = await http.post("/v1/chat/completions", json=chat("crashy"))
+        took = anyio.current_time() - started
+        assert r.status_code == 503
+        error = r.json()["error"]
+        assert error["code"] == "model_switch_failed"
+        assert "CrashLoopBackOff" in error["message"]
+        assert took < 30, "failed by the pod's reason, not by the 120s switch timeout"
+        await cluster.wait_for(lambda: cluster.replicas() == 0)
+        status = cluster.model_status("crashy")
+        assert status["phase"] == "Failed"
+        # Other models still load afterwards.
+        r = await http.post("/v1/chat/completions", json=chat("deepseek-r1-fp8"))
+        assert r.status_code == 200 and r.json()["model"] == "deepseek-r1-fp8"
 
 
 async def test_idle_scales_the_deployment_to_zero_and_a_request_wakes_it() -> None:
-    async with proxy_on_cluster(max_wait=30, idle_timeout=0.5) as (cluster, url):
-        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
-            r = await http.post("/v1/chat/completions", json=chat("qwen3-coder-30b-fp8"))
-            assert r.status_code == 200
-            await cluster.wait_for(lambda: cluster.replicas() == 0)
-            status = (await http.get("/proxy/status")).json()
-            assert status["phase"] == "idle"
-            r = await http.post("/v1/chat/completions", json=chat("qwen3-coder-30b-fp8"))
-            assert r.status_code == 200 and r.json()["model"] == "qwen3-coder-30b-fp8"
-            assert cluster.replicas() == 1
+    async with (
+        proxy_on_cluster(max_wait=30, idle_timeout=0.5) as (cluster, url),
+        httpx.AsyncClient(base_url=url, timeout=60) as http,
+    ):
+        r = await http.post("/v1/chat/completions", json=chat("qwen3-coder-30b-fp8"))
+        assert r.status_code == 200
+        await cluster.wait_for(lambda: cluster.replicas() == 0)
+        status = (await http.get("/proxy/status")).json()
+        assert status["phase"] == "idle"
+        r = await http.post("/v1/chat/completions", json=chat("qwen3-coder-30b-fp8"))
+        assert r.status_code == 200 and r.json()["model"] == "qwen3-coder-30b-fp8"
+        assert cluster.replicas() == 1

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 #: Retry-After when nothing is known about a model's load time (SPEC §3.2).
 DEFAULT_LOAD_ESTIMATE = 30.0
@@ -41,7 +41,7 @@ PROMISE_GRACE = 5.0
 DURATION_SAMPLES = 5
 
 
-class Phase(str, Enum):
+class Phase(StrEnum):
     IDLE = "idle"  # nothing loaded
     LOADING = "loading"  # `active` is being loaded
     READY = "ready"  # `active` serves
@@ -49,7 +49,11 @@ class Phase(str, Enum):
     UNLOADING = "unloading"  # the backend is unloading
 
 
-class ModelState(str, Enum):
+#: For the per-request paths: an enum member looked up on its class costs ~0.3 µs a time.
+_READY = Phase.READY
+
+
+class ModelState(StrEnum):
     """What `/v1/models` reports for each model."""
 
     LOADED = "loaded"
@@ -96,6 +100,7 @@ class TooMany:
 
 
 Decision = Admit | Hold | Busy | Refuse | TooMany
+_ADMIT = Admit()
 
 
 # --- effects for the driver ------------------------------------------------------------------
@@ -240,7 +245,7 @@ class SwitchCore:
 
     def next_deadline(self) -> float | None:
         """When `tick` has something to do next, or None when only an event can change things."""
-        if self.phase == Phase.READY:
+        if self.phase is _READY:
             if self.queue:
                 return self.residency_until
             if self.idle_timeout > 0 and self._idle(self.active):
@@ -253,13 +258,12 @@ class SwitchCore:
 
     def arrive(self, model: str, now: float, *, hold: bool) -> tuple[Decision, list[Effect]]:
         """A request for `model` (known to the registry) arrived."""
-        if self.phase == Phase.READY and model == self.active:
+        if self.phase is _READY and model == self.active:
             self.inflight[model] = self.inflight.get(model, 0) + 1
-            return Admit(), []
+            return _ADMIT, []
         failure = self.failures.get(model)
-        if failure is not None:
-            if now < failure.until:
-                return Refuse(failure.reason, _whole_seconds(failure.until - now)), []
+        if failure is not None and now < failure.until:
+            return Refuse(failure.reason, _whole_seconds(failure.until - now)), []
         effects: list[Effect] = []
         self._want(model)
         self._pump(now, effects)
@@ -302,6 +306,8 @@ class SwitchCore:
         else:
             self.inflight.pop(model, None)
         self.last_activity = max(self.last_activity, now)
+        if self.phase is _READY and not self.queue:
+            return []  # nothing queued: only the idle timer can act, and `tick` runs that
         effects: list[Effect] = []
         self._pump(now, effects)
         return effects

@@ -57,14 +57,19 @@ class SwitchRefused(Exception):
         super().__init__(f"{kind}: {model}")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Lease:
-    """An in-flight slot on a ready model. Exiting `scope` early means the switch cut it."""
+    """An in-flight slot on a ready model.
+
+    `on_cut`, set by whoever serves the request, is called when the switch's drain timeout
+    passes with the request still in flight: it must end the request (the middleware cancels
+    its relay). A plain callback rather than a cancel scope per request: entering and leaving
+    an anyio scope costs more than the rest of the switch's request path together."""
 
     model: str
     upstream: LoadedModel
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     released: bool = False
+    on_cut: Callable[[], None] | None = None
 
 
 @dataclass
@@ -208,7 +213,10 @@ class Switcher:
         if upstream is None:  # the core said ready, so the load recorded where it answers
             raise SwitchRefused("loading", model, 1)
         lease = Lease(model, upstream)
-        self._leases.setdefault(model, set()).add(lease)
+        leases = self._leases.get(model)
+        if leases is None:
+            leases = self._leases[model] = set()
+        leases.add(lease)
         return lease
 
     def finish(self, lease: Lease) -> None:
@@ -255,7 +263,8 @@ class Switcher:
                     self.options.drain_timeout,
                 )
                 for lease in list(leases):
-                    lease.scope.cancel()
+                    if lease.on_cut is not None:
+                        lease.on_cut()
             elif isinstance(effect, PhaseChanged):
                 self._on_phase(effect)
         deadline = self.core.next_deadline()

@@ -1,0 +1,76 @@
+"""vllm-chill as the benchmark runs it: one process, the middleware alone (no inner app), a
+static registry of one model that the fake backend reports as already loaded, so that every
+request takes the proxy's fast path to the upstream. uvicorn runs as `vllm-chill serve` runs
+it (uvloop, httptools, no server header) with the access log off.
+
+    python benchmarks/chill_server.py --port 8001 --upstream http://127.0.0.1:8000
+
+`--client aiohttp` or `--client httpx` swaps vllm-chill's own upstream client for the one kept
+in `benchmarks/aiohttp_upstream.py` or `benchmarks/httpx_upstream.py` (same interface), to
+compare them under the same load. `--tree DIR` imports `vllm_chill` from another source tree
+(say `git archive <rev> vllm_chill | tar -x -C DIR`), to measure a baseline in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import uvicorn
+
+HERE = Path(__file__).resolve().parent
+CLIENTS = ("native", "aiohttp", "httpx")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--upstream", required=True, help="base URL of the model server")
+    parser.add_argument("--model", default="bench-model", help="served model name")
+    parser.add_argument("--client", choices=CLIENTS, default="native")
+    parser.add_argument("--tree", type=Path, default=HERE.parent, help="where vllm_chill is")
+    args = parser.parse_args()
+    sys.path[:0] = [str(args.tree.resolve()), str(HERE)]
+
+    # Imported here, after the source tree is chosen.
+    import vllm_chill.middleware  # noqa: PLC0415
+    from vllm_chill import (  # noqa: PLC0415
+        FakeBackend,
+        ModelSwitchMiddleware,
+        StaticRegistry,
+        VLLMModel,
+    )
+
+    if args.client == "aiohttp":
+        from aiohttp_upstream import AiohttpUpstreamClient  # noqa: PLC0415
+
+        vllm_chill.middleware.UpstreamClient = AiohttpUpstreamClient  # type: ignore[misc]
+    elif args.client == "httpx":
+        from httpx_upstream import HttpxUpstreamClient  # noqa: PLC0415
+
+        vllm_chill.middleware.UpstreamClient = HttpxUpstreamClient  # type: ignore[misc]
+
+    model = VLLMModel.from_spec({"modelName": f"org/{args.model}", "servedModelName": args.model})
+    app = ModelSwitchMiddleware(
+        registry=StaticRegistry([model]),
+        backend=FakeBackend(base_url=args.upstream, preloaded=args.model),
+        idle_timeout=0,  # never unload during a benchmark
+    )
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        ws="none",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        server_header=False,
+        backlog=4096,
+    )
+
+
+if __name__ == "__main__":
+    main()
