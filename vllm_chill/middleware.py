@@ -8,6 +8,7 @@ the few JSON answers it makes itself are built with the standard library.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -111,6 +112,20 @@ def _has_dot_segment(path: str) -> bool:
     return "/./" in path or "/../" in path or path.endswith(("/.", "/.."))
 
 
+def _is_operator_path(path: str) -> bool:
+    """Operator endpoints, also as a lenient router would match them: repeated and trailing
+    slashes do not count."""
+    if path in OPERATOR_PATHS:
+        return True
+    if "//" in path or path.endswith("/"):
+        return ("/" + "/".join(part for part in path.split("/") if part)) in OPERATOR_PATHS
+    return False
+
+
+def _digest(secret: bytes) -> bytes:
+    return hashlib.sha256(secret).digest()
+
+
 class ModelSwitchMiddleware:
     """One OpenAI-compatible endpoint in front of many models; see the README."""
 
@@ -129,8 +144,11 @@ class ModelSwitchMiddleware:
         self.options = ProxyOptions(**options)
         self.metrics = metrics or Metrics()
         self.switcher = Switcher(backend, registry, self.options, self.metrics)
-        self._api_keys = tuple(k.encode() for k in self.options.api_keys)
-        self._admin_token = (self.options.admin_token or "").encode()
+        # Keys are kept and compared as SHA-256 digests: equal lengths, so the comparison's
+        # time says nothing about a key's length either.
+        self._api_keys = tuple(_digest(k.encode()) for k in self.options.api_keys)
+        admin = self.options.admin_token
+        self._admin_keys = (_digest(admin.encode()),) if admin else self._api_keys
         self._upstream: UpstreamClient | None = None
         self._created = int(time.time())
 
@@ -142,6 +160,20 @@ class ModelSwitchMiddleware:
             exchange = _Exchange(send)
             try:
                 await self._http(scope, receive, exchange)
+            except asyncio.CancelledError:
+                # The server is stopping and gave up waiting for this request (a client held
+                # for a load, say): answer it ourselves rather than leave it to the server's
+                # plain-text 500.
+                if not exchange.started:
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                        await error_response(
+                            send,
+                            503,
+                            "not_ready",
+                            "vllm-chill is shutting down; retry shortly.",
+                            retry_after=5,
+                        )
+                raise
             except Exception:
                 # A bug of ours: log it here, never show a traceback to the client.
                 log.exception("internal error on %s %s", scope["method"], scope["path"][:200])
@@ -258,7 +290,7 @@ class ModelSwitchMiddleware:
         if path.startswith("/v1/"):
             await self._v1(scope, receive, exchange, path, method)
             return
-        if path in OPERATOR_PATHS:
+        if _is_operator_path(path):
             await self._not_found(send, path)
             return
         if path.startswith("/proxy/"):
@@ -276,7 +308,7 @@ class ModelSwitchMiddleware:
         self, scope: Scope, receive: Receive, exchange: _Exchange, path: str, method: str
     ) -> None:
         send = exchange.send
-        if path in OPERATOR_PATHS or _has_dot_segment(path):
+        if _is_operator_path(path) or _has_dot_segment(path):
             await self._not_found(send, path)
             return
         if path == "/v1/models" or path.startswith("/v1/models/"):
@@ -508,9 +540,10 @@ class ModelSwitchMiddleware:
         token = token.strip()
         if scheme.lower() != b"bearer" or not token:
             return False
+        presented = _digest(token)
         matched = False
         for key in keys:  # compare with every key: the time taken says nothing about which
-            matched |= hmac.compare_digest(token, key)
+            matched |= hmac.compare_digest(presented, key)
         return matched
 
     # --- service and admin endpoints ------------------------------------------------------
@@ -563,7 +596,7 @@ class ModelSwitchMiddleware:
     async def _admin(
         self, scope: Scope, receive: Receive, send: Send, path: str, method: str
     ) -> None:
-        keys = (self._admin_token,) if self._admin_token else self._api_keys
+        keys = self._admin_keys
         if not self._authorized(scope, keys):
             await self._unauthorized(send)
             return

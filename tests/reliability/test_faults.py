@@ -263,12 +263,6 @@ async def test_proxy_restarting_during_a_load_lets_every_held_client_go_and_load
     await assert_no_leak(start)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="middleware.py: uvicorn cancels requests still held when its graceful-shutdown "
-    "timeout ends, and answers them itself with a text/plain 500 (the app never started a "
-    "response); the middleware should answer its own 503 on that cancellation",
-)
 async def test_clients_held_when_the_proxy_stops_get_a_503_not_a_500() -> None:
     outcomes: list[str] = []
     backend = FakeBackend(load_time=30)

@@ -522,12 +522,6 @@ async def test_operator_paths_never_reach_an_upstream(
     assert_no_operator_path_reached(proxy)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="middleware.py compares the exact path with OPERATOR_PATHS, so "
-    "/v1/load_lora_adapter/ and /v1//load_lora_adapter are forwarded (harmless on vLLM's "
-    "Starlette router, which does not route them, but not on a lenient one)",
-)
 @pytest.mark.parametrize(
     "target", ["/v1/load_lora_adapter/", "/v1//unload_lora_adapter", "/v1/load_lora_adapter//"]
 )

@@ -9,6 +9,7 @@ backend really calls: `test_k8s_faults.py`.)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -122,15 +123,17 @@ async def test_any_authorization_value_that_is_not_a_key_is_refused(
 async def test_every_key_is_compared_in_constant_time(
     keyed: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Code review: the check is `hmac.compare_digest` over every configured key, OR-ed
-    without an early exit (middleware.py, `_authorized`). Behaviour: whichever key matches,
-    or none, the request costs one `compare_digest` per key, so neither the time taken nor
-    the number of comparisons says which key (or how much of one) was right."""
+    """Code review: the check is `hmac.compare_digest` of SHA-256 digests over every
+    configured key, OR-ed without an early exit (middleware.py, `_authorized`). Behaviour:
+    whichever key matches, or none, the request costs one `compare_digest` of equal-length
+    digests per key, so neither the time taken nor the number of comparisons says which key
+    (or how much of one, or how long one is) was right."""
+    digests = {hashlib.sha256(k.encode()).digest(): k for k in KEYS}
     calls: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest
 
     def spy(a: Any, b: Any) -> bool:
-        if isinstance(b, bytes) and b.decode("latin-1") in KEYS:
+        if isinstance(b, bytes) and b in digests:
             calls.append((a, b))
         return real(a, b)
 
@@ -138,9 +141,9 @@ async def test_every_key_is_compared_in_constant_time(
     for token in (KEYS[0], KEYS[1], KEYS[2], WRONG, KEYS[0][:5]):
         calls.clear()
         await chat_as(keyed, bearer(token))
-        compared = sorted(key for _, key in calls)
-        assert compared == sorted(k.encode() for k in KEYS), token  # all, once each
-        assert all(given == token.encode() for given, _ in calls)
+        compared = sorted(digests[key] for _, key in calls)
+        assert compared == sorted(KEYS), token  # all, once each
+        assert all(given == hashlib.sha256(token.encode()).digest() for given, _ in calls)
 
 
 # --- admin endpoints ------------------------------------------------------------------------
