@@ -18,19 +18,18 @@ import gc
 import json
 import os
 import re
-import socket
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import anyio.abc
-import uvicorn
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from tests.servers import serve
 from vllm_chill import FakeBackend, ModelSwitchMiddleware, StaticRegistry, VLLMModel
-from vllm_chill.asgi import ASGIApp, Receive, Scope, Send
+from vllm_chill.asgi import Receive, Scope, Send
 from vllm_chill.backends.base import Backend
 from vllm_chill.registry import ModelRegistry
 from vllm_chill.sim.app import SimApp
@@ -280,46 +279,6 @@ def loosely_routed_path(raw: str) -> str:
 
 
 # --- the stack under test ---------------------------------------------------------------------
-
-
-class _Embedded(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:  # signals belong to pytest
-        yield
-
-
-@asynccontextmanager
-async def serve(app: ASGIApp) -> AsyncIterator[str]:
-    """`tests.servers.serve`, but with a socket that says it is TCP: asyncio turns Nagle off
-    only on those, and with Nagle on, every answer on a kept-alive connection waits ~40 ms
-    for the client's delayed ACK (uvicorn writes the head and the body separately). That
-    would swamp the latencies the load test measures; `vllm-chill serve` binds through
-    uvicorn's host/port, which is not affected."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(4096)
-    sock.setblocking(False)
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, lifespan="on", log_config=None, timeout_graceful_shutdown=2, ws="none"
-    )
-    server = _Embedded(config)
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(server.serve, [sock])
-            with anyio.fail_after(10):
-                while not server.started:
-                    if server.should_exit:
-                        raise RuntimeError("server failed to start")
-                    await anyio.sleep(0.01)
-            try:
-                yield f"http://127.0.0.1:{port}"
-            finally:
-                server.should_exit = True
-                tg.cancel_scope.deadline = anyio.current_time() + 10  # bounded shutdown
-    finally:
-        sock.close()
 
 
 class RecordingSimApp(SimApp):

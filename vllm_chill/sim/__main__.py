@@ -27,22 +27,9 @@ import time
 from collections.abc import Sequence
 
 import anyio
-import pytimeparse2
 
+from ..settings import parse_duration
 from .server import SimModelServer
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        parsed = pytimeparse2.parse(text)
-        if parsed is None:
-            raise argparse.ArgumentTypeError(f"not a duration: {text!r}") from None
-        value = float(parsed)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
 
 
 def _non_negative(text: str) -> float:
@@ -68,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key")
     parser.add_argument("--max-model-len", type=int, default=8192)
-    parser.add_argument("--sim-load-time", type=_seconds, default=3.0)
+    parser.add_argument("--sim-load-time", type=parse_duration, default=3.0)
     parser.add_argument("--sim-tokens-per-second", type=_non_negative, default=50.0)
     parser.add_argument("--sim-fail-load", action="store_true")
     return parser
