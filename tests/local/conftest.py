@@ -3,11 +3,10 @@ recorded, and none may be left when the test ends."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from local_helpers import LostRecorder, Tracker, standin_command
+from local_helpers import LostRecorder, Tracker, standin_command, tracked_processes
 
 from vllm_chill.backends.local import LocalProcessBackend
 
@@ -15,17 +14,8 @@ from vllm_chill.backends.local import LocalProcessBackend
 @pytest.fixture
 def tracker() -> Iterator[Tracker]:
     """Every stand-in started during the test; after the test, none may be left."""
-    logger = logging.getLogger("vllm_chill.local")
-    handler = Tracker()
-    previous = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
+    with tracked_processes() as handler:
         yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous)
-    assert handler.leftovers() == {}, "processes left behind"
 
 
 @pytest.fixture

@@ -8,6 +8,8 @@ import logging
 import re
 import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,3 +138,20 @@ class LostRecorder:
     def __call__(self, reason: str) -> None:
         self.reasons.append(reason)
         self.event.set()
+
+
+@contextmanager
+def tracked_processes() -> Iterator[Tracker]:
+    """Every stand-in the local backend starts while this is open (read from its log);
+    on exit, none may be left."""
+    logger = logging.getLogger("vllm_chill.local")
+    handler = Tracker()
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+    assert handler.leftovers() == {}, "processes left behind"

@@ -8,7 +8,6 @@ cannot make the proxy start anything with a name that is not defined.
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from tests.local.local_helpers import (
     live_group_members,
     make_model,
     standin_command,
+    tracked_processes,
 )
 from vllm_chill.backends.local import LocalProcessBackend
 
@@ -42,17 +42,8 @@ def canaries() -> Iterator[Path]:
 @pytest.fixture
 def tracker() -> Iterator[Tracker]:
     """The stand-ins the backend started (from its log); none may be left afterwards."""
-    logger = logging.getLogger("vllm_chill.local")
-    handler = Tracker()
-    previous = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
+    with tracked_processes() as handler:
         yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous)
-    assert handler.leftovers() == {}, "processes left behind"
 
 
 def nasty_names(canaries: Path) -> tuple[str, str]:
