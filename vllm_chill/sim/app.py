@@ -16,6 +16,7 @@ import hmac
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -312,17 +313,14 @@ class SimApp:
 
         with_usage, continuous = p.include_usage(request)
 
-        def chunk(choices: list[dict[str, Any]], done: int | None) -> bytes:
-            obj: dict[str, Any] = {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": choices,
-            }
-            if done is not None:
-                obj["usage"] = p.usage(prompt_tokens, done)
-            return b"data: " + p.dumps(obj) + b"\n\n"
+        chunk = partial(
+            _sse_event,
+            kind="chat.completion.chunk",
+            rid=rid,
+            created=created,
+            model=model,
+            prompt_tokens=prompt_tokens,
+        )
 
         async def stream(progress: _Progress) -> None:
             send = call.send
@@ -386,17 +384,14 @@ class SimApp:
 
         with_usage, continuous = p.include_usage(request)
 
-        def chunk(choices: list[dict[str, Any]], done: int | None) -> bytes:
-            obj: dict[str, Any] = {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": choices,
-            }
-            if done is not None:
-                obj["usage"] = p.usage(prompt_tokens, done)
-            return b"data: " + p.dumps(obj) + b"\n\n"
+        chunk = partial(
+            _sse_event,
+            kind="text_completion",
+            rid=rid,
+            created=created,
+            model=model,
+            prompt_tokens=prompt_tokens,
+        )
 
         async def stream(progress: _Progress) -> None:
             send = call.send
@@ -513,6 +508,29 @@ _ROUTES: dict[str, tuple[str, Handler]] = {
     "/v1/audio/transcriptions": ("POST", SimApp._transcribe),
     "/v1/audio/translations": ("POST", SimApp._transcribe),
 }
+
+
+def _sse_event(
+    choices: list[dict[str, Any]],
+    done: int | None,
+    *,
+    kind: str,
+    rid: str,
+    created: int,
+    model: str,
+    prompt_tokens: int,
+) -> bytes:
+    """One server-sent event of a streamed answer; `done` (tokens so far) adds usage."""
+    obj: dict[str, Any] = {
+        "id": rid,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if done is not None:
+        obj["usage"] = p.usage(prompt_tokens, done)
+    return b"data: " + p.dumps(obj) + b"\n\n"
 
 
 def _delta(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
