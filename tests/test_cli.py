@@ -395,15 +395,7 @@ def test_importing_has_no_side_effects() -> None:
         assert app.middleware is None and app.settings is None
         """
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=_env(),
-    )
-    assert result.returncode == 0, result.stderr
+    _run_python(code)
 
 
 def test_the_sim_backend_does_not_import_kubernetes(models_dir: Path) -> None:
@@ -417,15 +409,7 @@ def test_the_sim_backend_does_not_import_kubernetes(models_dir: Path) -> None:
         assert "kubernetes" not in sys.modules
         """
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=_env(),
-    )
-    assert result.returncode == 0, result.stderr
+    _run_python(code)
 
 
 @pytest.mark.anyio
@@ -637,3 +621,16 @@ class _Log:
                         self.listening.set()
         finally:
             self.listening.set()  # exited: the waiter sees no URL instead of timing out
+
+
+def _run_python(code: str) -> None:
+    """Run `code` in a fresh interpreter (nothing imported yet); it must succeed."""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(),
+    )
+    assert result.returncode == 0, result.stderr
