@@ -465,8 +465,7 @@ class ModelSwitchMiddleware:
     async def _refused(self, send: Send, refused: SwitchRefused) -> None:
         name = refused.model
         if refused.kind == "loading":
-            status = self.switcher.status()
-            elapsed = status["phase_seconds"] if status["active_model"] == name else 0.0
+            phase, elapsed = self.switcher.load_progress(name)
             await error_response(
                 send,
                 503,
@@ -475,9 +474,7 @@ class ModelSwitchMiddleware:
                 type_="model_loading",
                 retry_after=refused.retry_after,
                 model=name,
-                phase=(status["progress"] or status["phase"])
-                if status["active_model"] == name
-                else "queued",
+                phase=phase,
                 elapsed_seconds=round(elapsed, 1),
                 estimated_seconds_remaining=refused.retry_after,
             )

@@ -385,6 +385,14 @@ class Switcher:
     def state_of(self, model: str) -> ModelState:
         return self.core.state_of(model, self.clock())
 
+    def load_progress(self, model: str) -> tuple[str, float]:
+        """What the load of `model` is doing and for how long, for 503 bodies (answered often
+        during a load, so this reads the core directly instead of building `status()`)."""
+        core = self.core
+        if core.active != model:
+            return "queued", 0.0
+        return self.progress or core.phase.value, self.clock() - core.phase_since
+
     def status(self) -> dict[str, Any]:
         core = self.core
         now = self.clock()
