@@ -246,3 +246,78 @@ async def test_the_request_reaches_the_upstream_reframed_with_its_own_headers() 
     assert headers[b"x-custom"] == b"kept"
     assert b"x-hop" not in headers and b"connection" not in headers
     assert headers[b"content-length"] == b"18" and body == b'{"model": "alpha"}'
+
+
+# --- errors at the edges of a switch --------------------------------------------------------
+
+
+@pytest.mark.parametrize("status_line", [b"HTTP/1.1 304 Not Modified", b"HTTP/1.1 204 No Content"])
+async def test_a_bodiless_answer_with_a_content_length_is_relayed_without_an_error(
+    status_line: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader) is not None:
+            writer.write(status_line + b"\r\nContent-Length: 42\r\nETag: x\r\n\r\n")
+            await writer.drain()
+
+    async with proxy_to_raw(handler) as (_upstream, url, http):
+        for _ in range(2):
+            r = await http.post(url + "/v1/chat/completions", json=chat("alpha"))
+            assert r.status_code == int(status_line.split()[1]) and r.content == b""
+    assert not [r for r in caplog.records if r.exc_info or "internal error" in r.getMessage()]
+
+
+async def test_a_request_cut_before_its_answer_started_gets_an_openai_shaped_503() -> None:
+    """The drain timeout cuts a request still waiting for its first byte: the client gets the
+    switch's 503 with a Retry-After, never the server's plain-text 500."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(30)
+
+    async with AsyncExitStack() as stack:
+        alpha = await stack.enter_async_context(raw_upstream(silent))
+        beta = await stack.enter_async_context(SimModelServer("beta", load_time=0))
+        url, http = await stack.enter_async_context(
+            proxy_to({"alpha": alpha, "beta": beta.base_url}, preloaded="alpha", drain_timeout=0.3)
+        )
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                answers: list[httpx.Response] = []
+
+                async def ask() -> None:
+                    answers.append(
+                        await http.post(url + "/v1/chat/completions", json=chat("alpha"))
+                    )
+
+                tg.start_soon(ask)
+                await anyio.sleep(0.2)
+                switch = await http.post(url + "/proxy/models/switch", json={"model": "beta"})
+                assert switch.status_code == 202
+        (answer,) = answers
+        assert answer.status_code == 503
+        assert int(answer.headers["retry-after"]) >= 1
+        assert answer.json()["error"]["code"] == "model_switching_in_progress"
+        status = (await http.get(url + "/proxy/status")).json()
+        assert status["requests_in_flight"] == {}
+
+
+async def test_an_answer_that_stalls_after_it_started_is_aborted_by_the_upstream_timeout() -> None:
+    async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    async with (
+        raw_upstream(stalls) as upstream,
+        proxy_to({"alpha": upstream}, preloaded="alpha", upstream_timeout=0.5) as (url, http),
+    ):
+        with anyio.fail_after(10):
+            async with http.stream("POST", url + "/v1/chat/completions", json=chat("alpha")) as r:
+                assert r.status_code == 200
+                with pytest.raises(httpx.RemoteProtocolError):
+                    async for _ in r.aiter_bytes():
+                        pass
+        status = (await http.get(url + "/proxy/status")).json()
+        assert status["requests_in_flight"] == {}

@@ -22,6 +22,7 @@ _TYPES = {
     413: "invalid_request_error",
     502: "upstream_error",
     503: "service_unavailable",
+    504: "timeout_error",
 }
 
 

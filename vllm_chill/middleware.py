@@ -27,10 +27,11 @@ from .extract import BadRequest, model_from_json, model_from_multipart
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .model import VLLMModel
 from .options import ProxyOptions
+from .redact import mask_secret_args
 from .registry import ModelRegistry
 from .scheduler.core import ModelState
 from .scheduler.switcher import Lease, Switcher, SwitchRefused
-from .upstream import UpstreamClient, UpstreamUnavailable
+from .upstream import UpstreamAborted, UpstreamClient, UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger("vllm_chill.proxy")
 
@@ -122,6 +123,28 @@ def _is_operator_path(path: str) -> bool:
     return False
 
 
+def _peer(scope: Scope) -> str | None:
+    """The client's address: what tells a client coming back after a 503 from a new one."""
+    client = scope.get("client")
+    return str(client[0]) if client else None
+
+
+def _from_loopback(scope: Scope) -> bool:
+    client = scope.get("client")
+    if not client:
+        return False  # an unknown peer is not trusted
+    host = str(client[0])
+    return host.startswith("127.") or host in ("::1", "localhost") or host.startswith("::ffff:127.")
+
+
+def _public_spec(model: VLLMModel) -> dict[str, Any]:
+    """The model's spec for API answers: values of secret flags in `extraArgs` masked."""
+    spec = model.describe()
+    if "extraArgs" in spec:
+        spec["extraArgs"] = mask_secret_args(spec["extraArgs"])
+    return spec
+
+
 def _digest(secret: bytes) -> bytes:
     return hashlib.sha256(secret).digest()
 
@@ -199,6 +222,7 @@ class ModelSwitchMiddleware:
             stack.push_async_callback(self.registry.stop)
             self._upstream = UpstreamClient(
                 connect_timeout=self.options.upstream_connect_timeout,
+                timeout=self.options.upstream_timeout,
                 upstream_api_key=self.options.upstream_api_key,
                 strip_client_auth=bool(self._api_keys),
             )
@@ -381,7 +405,7 @@ class ModelSwitchMiddleware:
         task = exchange.arm(receive)
         try:
             try:
-                lease = await self.switcher.acquire(name, self.options.max_wait)
+                lease = await self.switcher.acquire(name, self.options.max_wait, _peer(scope))
             except SwitchRefused as refused:
                 await self._refused(exchange.send, refused)
                 status = 503
@@ -393,12 +417,32 @@ class ModelSwitchMiddleware:
             if exchange.interrupted is None or task.uncancel() > 0:
                 raise
             if exchange.interrupted == "cut":
-                log.warning("request cut by switch drain timeout model=%s", name)
+                status = await self._cut(exchange, name, _peer(scope))
         finally:
             exchange.disarm()
         metrics = self.metrics.model(name)
         metrics.count(status)
         metrics.duration.observe(time.monotonic() - started)
+
+    async def _cut(self, exchange: _Exchange, name: str, client: str | None) -> int:
+        """The switch's drain timeout ended this request. Before its response started the
+        client gets the same 503 as any request for a switching model; after, the response is
+        left unfinished, so the server aborts the connection rather than pass it off as whole."""
+        log.warning("request cut by switch drain timeout model=%s", name)
+        if exchange.started:
+            return 499  # counted as an unfinished response, like a client that left
+        retry_after = self.switcher.promise(name, client)
+        await error_response(
+            exchange.send,
+            503,
+            "model_switching_in_progress",
+            f"The request for model '{name}' was stopped: the model is being switched out and "
+            f"the drain timeout passed. Retry in {retry_after} s.",
+            type_="model_loading",
+            retry_after=retry_after,
+            model=name,
+        )
+        return 503
 
     async def _relay(
         self, scope: Scope, exchange: _Exchange, path: str, body: bytes, lease: Lease
@@ -426,6 +470,21 @@ class ModelSwitchMiddleware:
                     "upstream_unavailable",
                     f"The server for model '{lease.model}' is not reachable.",
                 )
+                return 502
+            except UpstreamTimeout as exc:
+                log.warning("upstream timeout model=%s: %s", lease.model, exc)
+                await error_response(
+                    exchange.send,
+                    504,
+                    "upstream_timeout",
+                    f"The server for model '{lease.model}' did not answer within "
+                    f"{self.options.upstream_timeout:g}s.",
+                )
+                return 504
+            except UpstreamAborted as exc:
+                # Returning with the response unfinished makes the server close the connection:
+                # the client sees a broken response, never a truncated one passed off as whole.
+                log.warning("response aborted model=%s: %s", lease.model, exc)
                 return 502
         finally:
             gauge.dec()
@@ -597,11 +656,20 @@ class ModelSwitchMiddleware:
         if not self._authorized(scope, keys):
             await self._unauthorized(send)
             return
+        if method == "POST" and not keys and not _from_loopback(scope):
+            await error_response(
+                send,
+                403,
+                "admin_token_required",
+                "Switching and unloading from another machine needs --admin-token "
+                "(or --api-key); without one they are allowed from loopback only.",
+            )
+            return
         if path == "/proxy/status" and method == "GET":
             await send_json(send, 200, json.dumps(self.switcher.status()).encode())
         elif path == "/proxy/models" and method == "GET":
             models = [
-                {**self._model_entry(m), "name": m.name, "spec": m.describe()}
+                {**self._model_entry(m), "name": m.name, "spec": _public_spec(m)}
                 for m in self.registry.models()
             ]
             await send_json(send, 200, json.dumps({"object": "list", "data": models}).encode())

@@ -22,9 +22,12 @@ class ProxyOptions:
     drain_timeout: float = 120.0
     #: Bound on requests held waiting (all models together); beyond it: `too_many_waiting`.
     max_waiting: int = 1000
-    #: A freshly loaded model keeps serving at least this long before a switch away
-    #: (see README, "Switch policy"); it is what bounds the switch rate.
+    #: The shortest serving window of a model that is being used while others wait; the
+    #: window grows with the model's load time (README, "Switch policy").
     min_residency: float = 5.0
+    #: A model with nothing in flight and no request for this long gives way at once to a
+    #: queued switch (README, "Switch policy").
+    quiet_gap: float = 0.5
     #: First pause after a failed load before the same model is tried again; doubles per
     #: consecutive failure up to `failure_backoff_max`.
     failure_backoff: float = 10.0
@@ -39,6 +42,10 @@ class ProxyOptions:
     upstream_api_key: str | None = field(default=None, repr=False)
     #: Seconds to open a connection to the upstream before `upstream_unavailable`.
     upstream_connect_timeout: float = 10.0
+    #: No response headers, or no body bytes, from the upstream for this long: 504
+    #: `upstream_timeout` (or an aborted response once it started). Generous, since a long
+    #: non-streaming generation sends its headers only at the end.
+    upstream_timeout: float = 600.0
 
     def __repr__(self) -> str:  # secrets never reach a log line through a repr
         hidden = {"api_keys", "admin_token", "upstream_api_key"}

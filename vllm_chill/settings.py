@@ -362,8 +362,26 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--min-residency",
         "min_residency",
-        "a freshly loaded model serves at least this long before a switch away; bounds the "
-        "switch rate (default 5s)",
+        "shortest serving window of a model in use while others wait; the window is 2.5x "
+        "the model's load time when longer (default 5s)",
+        parse_duration,
+        metavar="DURATION",
+        group="switching",
+    ),
+    Option(
+        "--quiet-gap",
+        "quiet_gap",
+        "a model with nothing in flight and no request for this long gives way at once to "
+        "a model that is waiting (default 0.5s)",
+        parse_duration,
+        metavar="DURATION",
+        group="switching",
+    ),
+    Option(
+        "--upstream-timeout",
+        "upstream_timeout",
+        "no response headers or body bytes from a model's server for this long: 504 "
+        "upstream_timeout, or the response aborted once started (default 10m)",
         parse_duration,
         metavar="DURATION",
         group="switching",
@@ -507,7 +525,9 @@ class Settings:
     idle_timeout: float = 300.0
     max_wait: float = 0.0
     drain_timeout: float = 120.0
-    min_residency: float = 5.0
+    min_residency: float = ProxyOptions.min_residency
+    quiet_gap: float = ProxyOptions.quiet_gap
+    upstream_timeout: float = ProxyOptions.upstream_timeout
     max_waiting: int = 1000
     max_body_size: int = ProxyOptions.max_body_size
     shutdown_timeout: float = 25.0
@@ -545,6 +565,8 @@ class Settings:
             drain_timeout=self.drain_timeout,
             max_waiting=self.max_waiting,
             min_residency=self.min_residency,
+            quiet_gap=self.quiet_gap,
+            upstream_timeout=self.upstream_timeout,
             max_body_size=self.max_body_size,
             api_keys=self.api_keys,
             admin_token=self.admin_token,

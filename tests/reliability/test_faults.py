@@ -46,7 +46,9 @@ BODY = json.dumps(chat("alpha", max_tokens=2)).encode()
 # --- the upstream dies mid-stream -------------------------------------------------------------
 
 
-async def test_upstream_dying_mid_stream_ends_the_stream_cleanly_and_the_next_reloads() -> None:
+async def test_upstream_dying_mid_stream_aborts_the_response_and_the_next_reloads(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     start = Snapshot.take()
     backend = SimBackend(load_time=0.05, tokens_per_second=20)
     models = [spec(m) for m in MODELS]
@@ -64,12 +66,13 @@ async def test_upstream_dying_mid_stream_ends_the_stream_cleanly_and_the_next_re
         with anyio.fail_after(10):
             async with http.post(url, json=chat("alpha", stream=True, max_tokens=200)) as r:
                 assert r.status == 200
-                async for chunk in r.content.iter_any():
-                    received += chunk
-                    if received.count(b"data: ") == 2:
-                        await backend.crash("the vLLM pod was deleted")
-                # Reaching here means the chunked body was terminated properly: no exception,
-                # no hang, just an answer that stops early.
+                # The client sees a broken response (the chunked body never terminated), not
+                # an answer that looks whole but stops early.
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    async for chunk in r.content.iter_any():
+                        received += chunk
+                        if received.count(b"data: ") == 2:
+                            await backend.crash("the vLLM pod was deleted")
         assert b"data: [DONE]" not in received
         assert received.count(b"data: ") >= 2
 
@@ -86,6 +89,9 @@ async def test_upstream_dying_mid_stream_ends_the_stream_cleanly_and_the_next_re
         # remain open: 2 connections x 2 ends.
         await assert_no_leak(running, fd_slack=4)
     await assert_no_leak(start)
+    ours = [r for r in caplog.records if r.name.startswith("vllm_chill")]
+    assert not [r for r in ours if r.exc_info or "internal error" in r.getMessage()]
+    assert any("response aborted" in r.getMessage() for r in ours)
 
 
 # --- the upstream accepts and never answers ---------------------------------------------------
@@ -158,6 +164,28 @@ async def test_upstream_that_never_answers_is_let_go_when_the_clients_give_up() 
             assert (status["active_model"], status["phase"]) == ("alpha", "ready")
             await assert_no_leak(running)
     await assert_no_leak(start)
+
+
+async def test_upstream_timeout_answers_504_and_frees_the_model() -> None:
+    """An upstream that accepts and never answers: after --upstream-timeout the client gets an
+    OpenAI-shaped 504, the request stops counting in flight, so the model can idle out."""
+    async with silent_server() as silent:
+        backend = FakeBackend(base_url=f"http://127.0.0.1:{silent.port}")
+        async with proxy_stack(
+            models=[spec("alpha")], backend=backend, upstream_timeout=0.5, idle_timeout=1.0
+        ) as stack:
+            await stack.post("/proxy/models/switch", {"model": "alpha"})
+            await stack.wait_status(lambda st: st["phase"] == "ready")
+            with anyio.fail_after(10):
+                reply = await send_raw(
+                    stack.port, build_request("POST", "/v1/chat/completions", body=BODY)
+                )
+            assert reply.status == 504
+            error = json.loads(reply.body)["error"]
+            assert error["code"] == "upstream_timeout" and error["type"] == "timeout_error"
+            await silent.closed.wait()
+            final = await stack.wait_status(lambda st: st["phase"] == "idle", timeout=10)
+            assert final["requests_in_flight"] == {}
 
 
 # --- an upstream closing a kept-alive connection ----------------------------------------------

@@ -4,24 +4,10 @@ Every input is a method call carrying `now`; every output is a decision for the 
 list of effects for the driver (`switcher.py`) to carry out. That makes each choice — start a
 load, hold, answer 503, drain, cut, unload — testable deterministically without sleeping.
 
-The switch policy (also in the README, "Switch policy"):
-
-1. One model is active at a time, and one load runs at a time. Requests for the loading model
-   join its load.
-2. Models wanted while another is active queue in FIFO order of their first request. When the
-   active model is ready and something else is queued, the active model keeps serving until
-   its *residency* ends: at least `min_residency` after it became ready, and long enough for
-   the clients who were told `Retry-After: N` during its load to come back (capped). This is the
-   batch: a loaded model serves the requests it was loaded for before the next switch, and it
-   bounds the switch rate to one per `load time + min_residency`, whatever the clients do.
-3. Then the switch is committed: new requests for the active model queue behind the models
-   already waiting (so a busy model cannot starve the others), its in-flight requests drain for
-   up to `drain_timeout`, the rest are cut, and the next queued model loads.
-4. A failed load fails its held waiters at once with the reason; the model then refuses new
-   requests with the same reason for a back-off (doubling per consecutive failure), so a broken
-   model is never retried in a tight loop. An explicit switch clears the back-off.
-5. With nothing in flight, waiting or queued, the active model unloads after `idle_timeout`
-   counted from the end of the last request — a long stream keeps its model.
+The policy it implements is written once, with its numbers, in the README ("Switch policy");
+the rule numbers below refer to it. In short: a model that is not being used gives way at once
+(rule 3), a used one keeps serving for a window that grows with its load time (rule 4), and
+every 503 is a promise kept per client until that client comes back (rule 5).
 """
 
 from __future__ import annotations
@@ -31,14 +17,24 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-#: Retry-After when nothing is known about a model's load time (SPEC §3.2).
+#: Retry-After for the first load of a model whose load time is not known yet.
 DEFAULT_LOAD_ESTIMATE = 30.0
-#: A residency kept open for clients told to come back is never longer than this.
-MAX_PROMISE_HOLD = 60.0
-#: Slack added to a promised retry time: clients retry a little after Retry-After.
+#: Load (and unload) durations remembered per model; the estimate is the longest of them, so
+#: that a client told to come back usually finds the model ready (rule 6).
+DURATION_SAMPLES = 3
+#: Once a load runs past its estimate, clients are told to come back after this share of the
+#: time it has taken so far, and never sooner than `RETRY_FLOOR` (rule 6).
+OVERRUN_RETRY_SHARE = 0.25
+RETRY_FLOOR = 2.0
+#: Under contention a used model serves for this many times its own load time (rule 4): the
+#: time spent serving is then at least 2.5 / 3.5 ≈ 71 % of the wall clock, whatever the load time.
+SERVE_WINDOW_FACTOR = 2.5
+#: A promise (a 503's Retry-After) protects its model this much past the promised time.
 PROMISE_GRACE = 5.0
-#: Load durations remembered per model for the estimate.
-DURATION_SAMPLES = 5
+#: Promises never keep a model from giving way for longer than this after it became ready.
+MAX_PROMISE_HOLD = 60.0
+#: Outstanding promises remembered per model (a bound on memory under a 503 storm).
+MAX_PROMISES = 10_000
 
 
 class Phase(StrEnum):
@@ -178,7 +174,10 @@ class SwitchCore:
     """The state machine. All methods are synchronous and must be called from one thread."""
 
     max_waiting: int = 1000
+    #: The shortest serving window of a used model under contention (rule 4).
     min_residency: float = 5.0
+    #: A model with nothing in flight and no request for this long is not "in use" (rule 3).
+    quiet_gap: float = 0.5
     drain_timeout: float = 120.0
     idle_timeout: float = 300.0
     failure_backoff: float = 10.0
@@ -190,7 +189,13 @@ class SwitchCore:
     target: str | None = None
     unload_reason: str = "idle"
     phase_since: float = 0.0
-    residency_until: float = 0.0
+    #: When the active model became ready, the end of its serving window, and when a request
+    #: for it last arrived or ended.
+    ready_at: float = 0.0
+    serve_until: float = 0.0
+    last_used: float = -math.inf
+    #: READY with a queue: when the switch may commit (kept for `next_deadline`).
+    switch_at: float = math.inf
     drain_deadline: float = math.inf
     cut_sent: bool = False
     last_activity: float = 0.0
@@ -199,8 +204,12 @@ class SwitchCore:
     waiting_total: int = 0
     queue: OrderedDict[str, None] = field(default_factory=OrderedDict)
     failures: dict[str, Failure] = field(default_factory=dict)
-    promises: dict[str, float] = field(default_factory=dict)
+    #: Per model and client (its address, or a running number when unknown), the 503 answers
+    #: whose clients have not come back yet: (when the client was told to come back, when the
+    #: promise lapses). A client that asks again replaces its own promise.
+    promises: dict[str, OrderedDict[object, tuple[float, float]]] = field(default_factory=dict)
     durations: dict[str, deque[float]] = field(default_factory=dict)
+    unload_durations: deque[float] = field(default_factory=lambda: deque(maxlen=DURATION_SAMPLES))
     last_switch: SwitchRecord | None = None
     _next_waiter: int = 0
 
@@ -222,68 +231,119 @@ class SwitchCore:
         return self.phase == Phase.READY and model == self.active
 
     def estimate(self, model: str) -> float:
+        """Expected load time: the longest of the recent loads, 30 s when none is known."""
         samples = self.durations.get(model)
-        if not samples:
-            return DEFAULT_LOAD_ESTIMATE
-        return sum(samples) / len(samples)
+        return max(samples) if samples else DEFAULT_LOAD_ESTIMATE
+
+    def unload_estimate(self) -> float:
+        return max(self.unload_durations) if self.unload_durations else 0.0
+
+    def load_remaining(self, model: str, now: float) -> float:
+        """Seconds until the load of `model` in progress should end. Past its estimate the
+        answer grows with the time already taken (rule 6): a load that overruns is not about
+        to end, and "retry in 1 s" would only burn the client's retries."""
+        elapsed = now - self.phase_since
+        expected = self.estimate(model)
+        if elapsed < expected:
+            return expected - elapsed
+        return max(RETRY_FLOOR, OVERRUN_RETRY_SHARE * elapsed)
 
     def retry_after(self, model: str, now: float) -> int:
-        """Seconds until `model` is expected to serve: what is left of the current phase,
-        then the loads queued ahead of it, then its own load."""
+        """Seconds until `model` is expected to serve: what is left of the current phase, the
+        models ahead of it (each loaded, and served for a window if somebody waits for it),
+        then its own load."""
         left = 0.0
-        if self.phase == Phase.LOADING and self.active is not None:
-            left += max(self.estimate(self.active) - (now - self.phase_since), 1.0)
-            if self.active == model:
+        phase = self.phase
+        active = self.active
+        #: Whether the next model to load must first wait for the active one to unload.
+        unload_first = phase in (Phase.LOADING, Phase.READY)
+        if phase is Phase.LOADING and active is not None:
+            left = self.load_remaining(active, now)
+            if active == model:
                 return _whole_seconds(left)
-        elif self.phase == Phase.READY and self.queue:
-            left += max(self.residency_until - now, 0.0)
+            left += self._expected_window(active)
+        elif phase is _READY and active is not None:
+            if model == active:
+                return 1
+            left = max(self._expected_switch(now) - now, 0.0)
+        elif phase is Phase.DRAINING:
+            left = self.unload_estimate()
+        elif phase is Phase.UNLOADING:
+            left = max(self.unload_estimate() - (now - self.phase_since), 0.0)
         for queued in self.queue:
+            if unload_first:
+                left += self.unload_estimate()
+            unload_first = True
             left += self.estimate(queued)
             if queued == model:
                 return _whole_seconds(left)
+            left += self._expected_window(queued)
+        if unload_first:
+            left += self.unload_estimate()
         return _whole_seconds(left + self.estimate(model))
 
     def next_deadline(self) -> float | None:
         """When `tick` has something to do next, or None when only an event can change things."""
         if self.phase is _READY:
             if self.queue:
-                return self.residency_until
+                return self.switch_at
             if self.idle_timeout > 0 and self._idle(self.active):
-                return self.last_activity + self.idle_timeout
+                return self._idle_at()
         elif self.phase == Phase.DRAINING and not self.cut_sent:
             return self.drain_deadline
         return None
 
     # --- events ---------------------------------------------------------------------------
 
-    def arrive(self, model: str, now: float, *, hold: bool) -> tuple[Decision, list[Effect]]:
-        """A request for `model` (known to the registry) arrived."""
+    def arrive(
+        self, model: str, now: float, *, hold: bool, client: str | None = None
+    ) -> tuple[Decision, list[Effect]]:
+        """A request for `model` (known to the registry) arrived from `client` (its address,
+        when known: it is what tells a client coming back from a new one)."""
         if self.phase is _READY and model == self.active:
-            self.inflight[model] = self.inflight.get(model, 0) + 1
-            return _ADMIT, []
+            if not self.queue and not self.promises:  # the common case: nothing to weigh
+                self.inflight[model] = self.inflight.get(model, 0) + 1
+                return _ADMIT, []
+            if not self.queue or now < self.switch_at:
+                self.inflight[model] = self.inflight.get(model, 0) + 1
+                self._redeem(model, now, client)
+                effects: list[Effect] = []
+                if self.queue:
+                    self._pump(now, effects)  # in use now: the switch may wait longer
+                return _ADMIT, effects
+            # Its turn is over: the switch commits before this request, which queues.
         failure = self.failures.get(model)
         if failure is not None and now < failure.until:
             return Refuse(failure.reason, _whole_seconds(failure.until - now)), []
-        effects: list[Effect] = []
+        effects = []
+        self._redeem(model, now, client)
         self._want(model)
         self._pump(now, effects)
         if not hold:
-            return Busy(self.promise(model, now)), effects
+            return Busy(self.promise(model, now, client)), effects
         if self.waiting_total >= self.max_waiting:
-            return TooMany(self.retry_after(model, now)), effects
+            return TooMany(self.promise(model, now, client)), effects
         waiter = self._next_waiter
         self._next_waiter += 1
         self.waiters.setdefault(model, {})[waiter] = None
         self.waiting_total += 1
         return Hold(waiter), effects
 
-    def promise(self, model: str, now: float) -> int:
-        """The Retry-After for a 503 answered now; remembered so that the model, once loaded,
-        stays long enough for that client to come back."""
+    def promise(self, model: str, now: float, client: str | None = None) -> int:
+        """The Retry-After for a 503 answered now to `client`. Remembered until that client
+        comes back or the promised time plus a grace passes: a model that loads keeps serving
+        until its promised clients returned (rule 5)."""
         seconds = self.retry_after(model, now)
-        deadline = now + seconds + PROMISE_GRACE
-        if deadline > self.promises.get(model, 0.0):
-            self.promises[model] = deadline
+        pending = self.promises.get(model)
+        if pending is None:
+            pending = self.promises[model] = OrderedDict()
+        key: object = client
+        if client is None:
+            key = self._next_waiter = self._next_waiter + 1  # unknown: each its own client
+        pending.pop(key, None)
+        pending[key] = (now + seconds, now + seconds + PROMISE_GRACE)
+        if len(pending) > MAX_PROMISES:
+            pending.popitem(last=False)
         return seconds
 
     def give_up(self, model: str, waiter: int, now: float) -> list[Effect]:
@@ -306,6 +366,8 @@ class SwitchCore:
         else:
             self.inflight.pop(model, None)
         self.last_activity = max(self.last_activity, now)
+        if model == self.active:
+            self.last_used = now
         if self.phase is _READY and not self.queue:
             return []  # nothing queued: only the idle timer can act, and `tick` runs that
         effects: list[Effect] = []
@@ -327,10 +389,7 @@ class SwitchCore:
             self.durations.setdefault(model, deque(maxlen=DURATION_SAMPLES)).append(duration)
             self.failures.pop(model, None)
             self._set_phase(Phase.READY, now, effects)
-            promised = self.promises.pop(model, 0.0)
-            self.residency_until = max(
-                now + self.min_residency, min(promised, now + MAX_PROMISE_HOLD)
-            )
+            self._begin_serving(now, max(self.min_residency, SERVE_WINDOW_FACTOR * duration))
             if waiters:
                 self.inflight[model] = self.inflight.get(model, 0) + len(waiters)
                 effects.append(Release(model, waiters))
@@ -354,6 +413,7 @@ class SwitchCore:
         if self.phase != Phase.UNLOADING:
             return []
         effects: list[Effect] = []
+        self.unload_durations.append(now - self.phase_since)
         self.active = None
         self._set_phase(Phase.IDLE, now, effects)
         self._pump(now, effects)
@@ -378,7 +438,7 @@ class SwitchCore:
         effects: list[Effect] = []
         self.active = model
         self._set_phase(Phase.READY, now, effects)
-        self.residency_until = now
+        self._begin_serving(now, self.min_residency)
         self.last_activity = now
         return effects
 
@@ -386,13 +446,14 @@ class SwitchCore:
         """An operator asked for `model` (`POST /proxy/models/switch`): clears its back-off."""
         self.failures.pop(model, None)
         effects: list[Effect] = []
-        if (self.phase == Phase.READY and model == self.active) or (
-            self.phase == Phase.LOADING and model == self.active
-        ):
+        if self.phase in (Phase.READY, Phase.LOADING) and model == self.active:
             return effects
         self._want(model)
         if self.phase == Phase.READY:
-            self.residency_until = now  # an operator's word overrides the residency
+            # An operator's word overrides the serving window and the promises.
+            self.serve_until = now
+            self.last_used = -math.inf
+            self.promises.pop(self.active or "", None)
         self._pump(now, effects)
         return effects
 
@@ -412,7 +473,7 @@ class SwitchCore:
         return effects
 
     def tick(self, now: float) -> list[Effect]:
-        """Timers: residency end, drain timeout, idle timeout."""
+        """Timers: end of a serving window or quiet gap, drain timeout, idle timeout."""
         effects: list[Effect] = []
         self._pump(now, effects)
         return effects
@@ -432,6 +493,78 @@ class SwitchCore:
             and (model is None or not self.inflight.get(model))
         )
 
+    def _idle_at(self) -> float:
+        """When the ready model unloads if nothing happens: the idle timeout after the last
+        request, and not before the clients it told to come back had their chance."""
+        at = self.last_activity + self.idle_timeout
+        pending = self.promises.get(self.active or "")
+        if pending:
+            promised = min(
+                max(lapse for _, lapse in pending.values()), self.ready_at + MAX_PROMISE_HOLD
+            )
+            at = max(at, promised)
+        return at
+
+    def _begin_serving(self, now: float, window: float) -> None:
+        self.ready_at = now
+        self.serve_until = now + window
+        self.last_used = now  # whoever it was loaded for is about to use it
+        self.switch_at = math.inf
+
+    def _expected_window(self, model: str) -> float:
+        """How long `model`, once loaded, is expected to keep the GPU before the next switch:
+        its serving window if somebody waits for it, else nothing (it gives way at once)."""
+        if self.waiters.get(model) or self.promises.get(model):
+            return max(self.min_residency, SERVE_WINDOW_FACTOR * self.estimate(model))
+        return 0.0
+
+    def _redeem(self, model: str, now: float, client: str | None) -> None:
+        """A request for `model` arrived from `client`: that client's promise is kept (rule 5).
+
+        From an unknown address, a guess: once the model serves, any request redeems the oldest
+        promise; while it loads, only one that is due (a client back when it was told)."""
+        pending = self.promises.get(model)
+        if pending is None:
+            return
+        if client is not None:
+            pending.pop(client, None)
+        elif pending:
+            oldest = next(iter(pending))
+            if (self.phase is _READY and model == self.active) or pending[oldest][0] <= now + 1:
+                del pending[oldest]
+        if not pending:
+            del self.promises[model]
+
+    def _promised_until(self, model: str, now: float) -> float:
+        """The latest outstanding promise for the active model, capped (rule 5)."""
+        pending = self.promises.get(model)
+        if not pending:
+            return 0.0
+        latest = max(lapse for _, lapse in pending.values())
+        if latest <= now:
+            del self.promises[model]
+            return 0.0
+        return min(latest, self.ready_at + MAX_PROMISE_HOLD)
+
+    def _expected_switch(self, now: float) -> float:
+        """When a switch away from the ready active model is expected: like `_hold_until`,
+        except that a model used within the quiet gap is expected to stay in use for its
+        whole window (a Retry-After assumes its users carry on)."""
+        active = self.active or ""
+        if self.inflight.get(active) or now < self.last_used + self.quiet_gap:
+            return max(self.serve_until, self._promised_until(active, now))
+        return self._hold_until(now)
+
+    def _hold_until(self, now: float) -> float:
+        """When a switch away from the ready active model may commit (rules 3-5)."""
+        active = self.active or ""
+        if self.inflight.get(active):
+            until = self.serve_until  # in use: it serves out its window
+        else:
+            # Quiet: it gives way once the quiet gap has passed, or at the end of its window.
+            until = min(self.serve_until, self.last_used + self.quiet_gap)
+        return max(until, self._promised_until(active, now))
+
     def _pump(self, now: float, effects: list[Effect]) -> None:
         """Advance as far as the state allows; called after every event."""
         if self.phase == Phase.IDLE:
@@ -444,15 +577,18 @@ class SwitchCore:
             self._drop_failed_from_queue(now, effects)
             self.queue.pop(self.active or "", None)
             if self.queue:
-                if now < self.residency_until:
+                until = self._hold_until(now)
+                if now < until:
+                    self.switch_at = until
                     return
+                self.switch_at = math.inf
+                self.promises.pop(self.active or "", None)  # its turn is over
                 target = next(iter(self.queue))
                 self._begin_drain(target, now, effects, reason="switch")
-            elif (
-                self.idle_timeout > 0
-                and self._idle(self.active)
-                and now >= self.last_activity + self.idle_timeout
-            ):
+            elif self.idle_timeout > 0 and self._idle(self.active) and now >= self._idle_at():
+                self._promised_until(self.active or "", now)  # drops lapsed promises
+                if now < self._idle_at():
+                    return
                 self._begin_drain(None, now, effects, reason="idle")
             else:
                 return

@@ -78,6 +78,9 @@ class _Waiter:
     event: anyio.Event = field(default_factory=anyio.Event)
     outcome: str | None = None  # "released" / "rejected"
     reason: str = ""
+    #: Made when the waiter is released, so that its in-flight slot exists (and is released
+    #: exactly once) whether or not the waiting task ever runs again.
+    lease: Lease | None = None
 
 
 class Switcher:
@@ -98,6 +101,7 @@ class Switcher:
         self.core = SwitchCore(
             max_waiting=options.max_waiting,
             min_residency=options.min_residency,
+            quiet_gap=options.quiet_gap,
             drain_timeout=options.drain_timeout,
             idle_timeout=options.idle_timeout,
             failure_backoff=options.failure_backoff,
@@ -148,6 +152,11 @@ class Switcher:
         self._stop_requested = True
         self._wake.set()
 
+    def nudge(self) -> None:
+        """Re-read the clock now (for a caller that drives `clock` by hand, as tests do)."""
+        self._timer_at = -math.inf
+        self._wake.set()
+
     async def _timer(self) -> None:
         while not self._stop_requested:
             deadline = self.core.next_deadline()
@@ -162,16 +171,19 @@ class Switcher:
 
     # --- the request path -----------------------------------------------------------------
 
-    async def acquire(self, model: str, hold: float) -> Lease:
-        """An in-flight slot on `model` once it is ready, or `SwitchRefused` saying why not."""
+    async def acquire(self, model: str, hold: float, client: str | None = None) -> Lease:
+        """An in-flight slot on `model` once it is ready, or `SwitchRefused` saying why not.
+        `client` (the caller's address) lets a 503's promise be kept per client."""
         if not self.running:
             raise SwitchRefused("not_running", model, 5, "the proxy is not running")
-        decision, effects = self.core.arrive(model, self.clock(), hold=hold > 0)
-        if type(decision) is Admit:  # the common case: no effects, no deadline moved earlier
+        decision, effects = self.core.arrive(model, self.clock(), hold=hold > 0, client=client)
+        if type(decision) is Admit:
+            if effects:  # the common case has none, and no deadline moved earlier
+                self._apply(effects)
             return self._lease(model)
-        self._apply(effects)
+        self._apply(effects)  # even with no effects: a switch may be due sooner now
         if isinstance(decision, Hold):
-            return await self._hold(model, decision.waiter, hold)
+            return await self._hold(model, decision.waiter, hold, client)
         if isinstance(decision, Busy):
             raise SwitchRefused("loading", model, decision.retry_after)
         if isinstance(decision, Refuse):
@@ -180,7 +192,7 @@ class Switcher:
             raise SwitchRefused("too_many_waiting", model, decision.retry_after)
         raise AssertionError(decision)
 
-    async def _hold(self, model: str, waiter_id: int, hold: float) -> Lease:
+    async def _hold(self, model: str, waiter_id: int, hold: float, client: str | None) -> Lease:
         waiter = _Waiter(model)
         self._waiters[waiter_id] = waiter
         gauge = self.metrics.model(model).waiting
@@ -190,28 +202,37 @@ class Switcher:
                 await waiter.event.wait()
         except BaseException:
             # The client went away while held: forget it at once, or hand back its slot.
-            if waiter.outcome == "released":
-                self.finish(self._lease(model))
+            if waiter.lease is not None:
+                self.finish(waiter.lease)
             else:
                 self._forget(model, waiter_id)
             raise
         finally:
             gauge.dec()
-        if waiter.outcome == "released":
-            return self._lease(model)
+        if waiter.lease is not None:
+            return waiter.lease
         if waiter.outcome == "rejected":
             raise SwitchRefused("failed", model, 1, waiter.reason)
         self._forget(model, waiter_id)
-        raise SwitchRefused("loading", model, self.core.promise(model, self.clock()))
+        raise SwitchRefused("loading", model, self.core.promise(model, self.clock(), client))
 
     def _forget(self, model: str, waiter_id: int) -> None:
         self._waiters.pop(waiter_id, None)
         self._apply(self.core.give_up(model, waiter_id, self.clock()))
 
     def _lease(self, model: str) -> Lease:
+        """The in-flight slot the core just counted for `model`, or — should the model have
+        gone in the meantime — that count handed back and a 503."""
+        lease = self._make_lease(model)
+        if lease is None:
+            raise SwitchRefused("loading", model, self.core.promise(model, self.clock()))
+        return lease
+
+    def _make_lease(self, model: str) -> Lease | None:
         upstream = self.loaded
-        if upstream is None:  # the core said ready, so the load recorded where it answers
-            raise SwitchRefused("loading", model, 1)
+        if upstream is None or upstream.served_model_name != model:
+            self._apply(self.core.finish(model, self.clock()))
+            return None
         lease = Lease(model, upstream)
         leases = self._leases.get(model)
         if leases is None:
@@ -228,6 +249,10 @@ class Switcher:
         if leases is not None:
             leases.discard(lease)
         self._apply(self.core.finish(lease.model, self.clock()))
+
+    def promise(self, model: str, client: str | None = None) -> int:
+        """The Retry-After for a 503 about `model` answered now (remembered as a promise)."""
+        return self.core.promise(model, self.clock(), client)
 
     # --- operator actions -----------------------------------------------------------------
 
@@ -247,7 +272,7 @@ class Switcher:
     def _apply(self, effects: list[Effect]) -> None:
         for effect in effects:
             if isinstance(effect, Release):
-                self._resolve(effect.waiters, "released", "")
+                self._release(effect.model, effect.waiters)
             elif isinstance(effect, Reject):
                 self._resolve(effect.waiters, "rejected", effect.reason)
             elif isinstance(effect, StartLoad):
@@ -262,9 +287,12 @@ class Switcher:
                     len(leases),
                     self.options.drain_timeout,
                 )
+                # Each cut request's slot is handed back here and now, whether or not its task
+                # has run since (a released waiter may not have): the drain can never wedge.
                 for lease in list(leases):
                     if lease.on_cut is not None:
                         lease.on_cut()
+                    self.finish(lease)
             elif isinstance(effect, PhaseChanged):
                 self._on_phase(effect)
         deadline = self.core.next_deadline()
@@ -277,6 +305,22 @@ class Switcher:
             raise RuntimeError("switcher is not running")
         self._tg.start_soon(func, *args)
 
+    def _release(self, model: str, waiter_ids: tuple[int, ...]) -> None:
+        for waiter_id in waiter_ids:
+            waiter = self._waiters.pop(waiter_id, None)
+            lease = self._make_lease(model)
+            if waiter is None:  # cannot happen: a waiter leaves the core before it leaves us
+                if lease is not None:
+                    self.finish(lease)
+                continue
+            if lease is None:
+                waiter.outcome = "rejected"
+                waiter.reason = f"model {model!r} went away as it became ready"
+            else:
+                waiter.outcome = "released"
+                waiter.lease = lease
+            waiter.event.set()
+
     def _resolve(self, waiter_ids: tuple[int, ...], outcome: str, reason: str) -> None:
         for waiter_id in waiter_ids:
             waiter = self._waiters.pop(waiter_id, None)
@@ -287,7 +331,9 @@ class Switcher:
             waiter.event.set()
 
     def _fail_all_waiters(self, reason: str) -> None:
-        for waiter in self._waiters.values():
+        now = self.clock()
+        for waiter_id, waiter in self._waiters.items():
+            self.core.give_up(waiter.model, waiter_id, now)
             waiter.outcome = "rejected"
             waiter.reason = reason
             waiter.event.set()
@@ -329,6 +375,10 @@ class Switcher:
         log.warning("switch phase=lost model=%s reason=%s", model, reason)
         self.loaded = None
         self._apply(self.core.lost(self.clock()))
+        # Requests still relaying to the lost server end on their own (its connections are
+        # gone, or the upstream timeout ends them); they no longer count against a reload.
+        for lease in list(self._leases.get(model or "", ())):
+            self.finish(lease)
 
     async def _load(self, name: str, previous: str | None) -> None:
         started = self.clock()

@@ -1,0 +1,218 @@
+"""What a user measures of the switch policy, on the simulator.
+
+    python benchmarks/switching.py                      # ~70 s
+    python benchmarks/switching.py --write-doc docs/performance.md
+
+Three measurements, each against the real proxy (`ModelSwitchMiddleware` with its switcher)
+in front of simulated vLLM servers on loopback that take a set time to load:
+
+(a) one user, A -> B -> A: from the first request for the new model to its first answer,
+    minus the load time, for a client held by the proxy (`max_wait`) and for one that retries
+    every 100 ms after a 503;
+(b) two clients alternating for 60 s, each wanting its own model continuously and retrying
+    after exactly the Retry-After it was given (as the official openai client does): number
+    of switches, serving fraction (share of the wall clock with a model serving) and the
+    longest a client waited, for 1 s and 10 s loads;
+(c) from (b): every Retry-After given against when the model really became ready.
+
+Load times are learnt before measuring (each model is loaded once), as they are in a proxy
+that has been up for a while; the first load of a model is always announced as 30 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from vllm_chill import ModelSwitchMiddleware, StaticRegistry, VLLMModel
+from vllm_chill.backends.sim import SimBackend
+from vllm_chill.scheduler.core import Phase
+
+MARK_START = "<!-- switching-results:start (written by benchmarks/switching.py) -->"
+MARK_END = "<!-- switching-results:end -->"
+MODELS = ("alpha", "beta")
+
+
+def spec(name: str) -> VLLMModel:
+    return VLLMModel.from_spec({"modelName": f"org/{name}", "servedModelName": name})
+
+
+def body(model: str) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+
+
+@dataclass
+class Timeline:
+    """When each model became ready (sampled from the switcher's own phase)."""
+
+    ready_since: dict[str, list[float]] = field(default_factory=dict)
+    serving: float = 0.0
+    switches: int = 0
+
+
+@asynccontextmanager
+async def proxy(load_time: float, **options: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    app = ModelSwitchMiddleware(
+        registry=StaticRegistry(spec(m) for m in MODELS),
+        backend=SimBackend(load_time=load_time, tokens_per_second=0),
+        **options,
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.running(),
+        httpx.AsyncClient(transport=transport, base_url="http://proxy", timeout=120) as http,
+    ):
+        yield http, app
+
+
+async def until_answered(
+    http: httpx.AsyncClient, model: str, *, poll: float | None
+) -> tuple[float, list[tuple[float, int]]]:
+    """Ask for `model` until it answers; returns the time taken and the 503s (when, Retry-After).
+    `poll` None: sleep the Retry-After; else retry after `poll` seconds."""
+    started = time.monotonic()
+    refusals: list[tuple[float, int]] = []
+    while True:
+        r = await http.post("/v1/chat/completions", json=body(model))
+        if r.status_code == 200:
+            return time.monotonic() - started, refusals
+        assert r.status_code == 503, r.text
+        retry_after = int(r.headers["retry-after"])
+        refusals.append((time.monotonic(), retry_after))
+        await asyncio.sleep(retry_after if poll is None else poll)
+
+
+async def single_user(load_time: float) -> dict[str, float]:
+    results: dict[str, float] = {}
+    for label, options, poll in (
+        ("held", {"max_wait": 60.0}, None),
+        ("polling", {}, 0.1),
+    ):
+        async with proxy(load_time, **options) as (http, _):
+            for model in MODELS:  # learn the load times
+                await until_answered(http, model, poll=0.05)
+            switches = [
+                await until_answered(http, m, poll=poll) for m in ("alpha", "beta", "alpha")
+            ]
+        results[label] = max(took for took, _ in switches) - load_time
+    return results
+
+
+async def sample(app: Any, timeline: Timeline, stop: asyncio.Event) -> None:
+    core = app.switcher.core
+    last = time.monotonic()
+    was_loading = False
+    while not stop.is_set():
+        await asyncio.sleep(0.01)
+        now = time.monotonic()
+        if core.phase is Phase.READY:
+            timeline.serving += now - last
+            readies = timeline.ready_since.setdefault(core.active, [])
+            if not readies or readies[-1] < core.ready_at:  # the switcher's clock is ours
+                readies.append(core.ready_at)
+        loading = core.phase is Phase.LOADING
+        if loading and not was_loading:
+            timeline.switches += 1
+        was_loading = loading
+        last = now
+
+
+async def alternating(load_time: float, seconds: float) -> dict[str, Any]:
+    async with proxy(load_time) as (http, app):
+        for model in MODELS:  # learn the load times
+            await until_answered(http, model, poll=0.05)
+        timeline = Timeline()
+        stop = asyncio.Event()
+        waits: list[float] = []
+        refusals: list[tuple[str, float, int]] = []
+
+        started = time.monotonic()
+
+        async def user(model: str) -> None:
+            while time.monotonic() - started < seconds:
+                took, refused = await until_answered(http, model, poll=None)
+                if refused:
+                    waits.append(took)
+                refusals.extend((model, at, ra) for at, ra in refused)
+                await asyncio.sleep(0.05)  # continuous use: the next request right away
+
+        sampler = asyncio.create_task(sample(app, timeline, stop))
+        await asyncio.gather(*(user(m) for m in MODELS))
+        elapsed = time.monotonic() - started
+        stop.set()
+        await sampler
+    errors = []
+    for model, at, retry_after in refusals:
+        readies = [t for t in timeline.ready_since.get(model, []) if t >= at - 0.05]
+        if readies:
+            errors.append(at + retry_after - readies[0])
+    return {
+        "load": load_time,
+        "seconds": elapsed,
+        "switches": timeline.switches,
+        "serving": timeline.serving / elapsed,
+        "longest_wait": max(waits, default=0.0),
+        "retry_after_error": errors,
+    }
+
+
+def table(single: dict[str, float], runs: list[dict[str, Any]]) -> str:
+    lines = [
+        "| one user, A→B→A, 1 s loads | switch latency minus the load time (worst of 3) |",
+        "|---|---|",
+    ]
+    for label, extra in single.items():
+        lines.append(f"| {label} | {extra:.2f} s |")
+    lines += [
+        "",
+        "| two clients alternating | switches | serving fraction | longest wait |"
+        " Retry-After minus actual ready: median / worst early / worst late | 503s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        errors = run["retry_after_error"]
+        median = statistics.median(errors) if errors else 0.0
+        early = min(errors, default=0.0)
+        late = max(errors, default=0.0)
+        lines.append(
+            f"| {run['load']:g} s loads, {run['seconds']:.0f} s | {run['switches']} | "
+            f"{run['serving']:.2f} | {run['longest_wait']:.1f} s | "
+            f"{median:+.1f} s / {early:+.1f} s / {late:+.1f} s | {len(errors)} |"
+        )
+    return "\n".join(lines)
+
+
+def write_doc(path: Path, block: str) -> None:
+    text = path.read_text()
+    start, end = text.index(MARK_START), text.index(MARK_END)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    path.write_text(
+        text[: start + len(MARK_START)] + f"\n\nMeasured {stamp}.\n\n{block}\n\n" + text[end:]
+    )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=60.0, help="length of run (b)")
+    parser.add_argument("--write-doc", type=Path, help="update the results block in this file")
+    args = parser.parse_args()
+    single, *runs = await asyncio.gather(
+        single_user(1.0), alternating(1.0, args.seconds), alternating(10.0, args.seconds)
+    )
+    block = table(single, runs)
+    print(block)
+    if args.write_doc:
+        write_doc(args.write_doc, block)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,308 @@
+"""The decision core and its driver under a storm: a stateful property test.
+
+Hypothesis drives the real `Switcher` (and so the real `SwitchCore`) with a backend whose loads
+succeed, fail or are reported lost at any step, clients that arrive held or not, finish, and
+disconnect at any step, operator switches and unloads, and a clock moved by hand. After every
+step the counts the core holds must equal what is really live; after the storm every model must
+still be servable. This is what catches a leaked in-flight count: one is enough to wedge every
+later switch in a drain that never ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from vllm_chill import StaticRegistry, VLLMModel
+from vllm_chill.backends.base import LoadedModel, LoadError, LostCallback, ProgressCallback
+from vllm_chill.metrics import Metrics
+from vllm_chill.options import ProxyOptions
+from vllm_chill.scheduler.core import Phase
+from vllm_chill.scheduler.switcher import Lease, Switcher, SwitchRefused
+
+MODELS = ("a", "b", "c")
+
+
+@dataclass
+class StormBackend:
+    """Loads end when the test says so: successfully, with an error, or lost right after."""
+
+    pending: dict[str, asyncio.Future[str | None]] = field(default_factory=dict)
+    loaded: str | None = None
+    on_lost: LostCallback | None = None
+    #: When set, the next successful load reports the model lost this many loop callbacks
+    #: after it returned (0: before the released waiters even run).
+    lose_after: int | None = None
+    _monitor: asyncio.Task[None] | None = None
+
+    async def start(self, on_lost: LostCallback) -> LoadedModel | None:
+        self.on_lost = on_lost
+        return None
+
+    async def stop(self) -> None:
+        pass
+
+    async def load(self, model: VLLMModel, progress: ProgressCallback) -> LoadedModel:
+        name = model.served_model_name
+        self.loaded = None
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self.pending[name] = future
+        try:
+            error = await future
+        finally:
+            self.pending.pop(name, None)
+        if error is not None:
+            raise LoadError(error)
+        self.loaded = name
+        if self.lose_after is not None:
+            self._lose_later(self.lose_after)
+            self.lose_after = None
+        return LoadedModel(name, "http://127.0.0.1:9")
+
+    def _lose_later(self, hops: int) -> None:
+        """Report the loss from a task of its own (as backends do: a watch, a process
+        monitor), started `hops` loop callbacks from now."""
+        loop = asyncio.get_running_loop()
+        if hops == 0:
+            self._monitor = loop.create_task(self._report_loss())
+        else:
+            loop.call_soon(self._lose_later, hops - 1)
+
+    async def _report_loss(self) -> None:
+        self.lose()
+
+    async def unload(self) -> None:
+        await asyncio.sleep(0)
+        self.loaded = None
+
+    async def check(self) -> bool:
+        return True
+
+    def lose(self) -> None:
+        self.loaded = None
+        if self.on_lost is not None:
+            self.on_lost("simulated crash")
+
+
+@dataclass
+class Client:
+    model: str
+    task: asyncio.Task[None] | None = None
+    lease: Lease | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    outcome: str = "waiting"
+
+
+class SwitchStorm(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.now = 1000.0
+        self.backend = StormBackend()
+        registry = StaticRegistry(
+            VLLMModel.from_spec({"modelName": f"org/{m}", "servedModelName": m}) for m in MODELS
+        )
+        options = ProxyOptions(
+            model_switch_timeout=10_000,
+            idle_timeout=30.0,
+            drain_timeout=5.0,
+            min_residency=2.0,
+            quiet_gap=0.5,
+            max_waiting=6,
+            failure_backoff=3.0,
+            failure_backoff_max=10.0,
+        )
+        self.switcher = Switcher(self.backend, registry, options, Metrics(), clock=self.clock)
+        self.runner = self.loop.create_task(self.switcher.run())
+        self.settle()
+        assert self.switcher.running
+        self.clients: list[Client] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def inside(self, action: Callable[[], object]) -> None:
+        """Run `action` on the event loop, as the request handlers and backends do."""
+
+        async def call() -> None:
+            action()
+
+        self.loop.run_until_complete(call())
+
+    def settle(self, steps: int = 40) -> None:
+        async def spin() -> None:
+            for _ in range(steps):
+                await asyncio.sleep(0)
+
+        self.loop.run_until_complete(spin())
+
+    async def serve(self, client: Client, hold: float) -> None:
+        """What the middleware does with a request: a slot, the relay, the slot handed back."""
+        try:
+            lease = await self.switcher.acquire(client.model, hold)
+        except SwitchRefused as refused:
+            client.outcome = refused.kind
+            return
+        client.lease = lease
+        current = asyncio.current_task()
+        assert current is not None
+        lease.on_cut = current.cancel
+        client.outcome = "serving"
+        try:
+            await client.done.wait()
+            client.outcome = "served"
+        finally:
+            self.switcher.finish(lease)
+
+    def live(self) -> list[Client]:
+        return [c for c in self.clients if c.task is not None and not c.task.done()]
+
+    # --- rules ----------------------------------------------------------------------------
+
+    @rule(model=st.sampled_from(MODELS), hold=st.booleans())
+    def request(self, model: str, hold: bool) -> None:
+        client = Client(model)
+        client.task = self.loop.create_task(self.serve(client, 60.0 if hold else 0.0))
+        self.clients.append(client)
+        self.settle()
+
+    @rule(data=st.data())
+    def finish_request(self, data: st.DataObject) -> None:
+        serving = [c for c in self.live() if c.outcome == "serving"]
+        if serving:
+            data.draw(st.sampled_from(serving)).done.set()
+            self.settle()
+
+    @rule(data=st.data())
+    def disconnect(self, data: st.DataObject) -> None:
+        live = self.live()
+        if live:
+            task = data.draw(st.sampled_from(live)).task
+            assert task is not None
+            task.cancel()
+            self.settle()
+
+    @precondition(lambda self: bool(self.backend.pending))
+    @rule(ok=st.booleans(), lose_after=st.none() | st.integers(0, 4))
+    def end_load(self, ok: bool, lose_after: int | None) -> None:
+        (future,) = self.backend.pending.values()
+        # Lost a few loop steps after the load returned: perhaps before the released waiters
+        # ran, perhaps while they make their leases.
+        self.backend.lose_after = lose_after if ok else None
+        future.set_result(None if ok else "CUDA out of memory")
+        self.settle()
+
+    @rule()
+    def lose(self) -> None:
+        self.inside(self.backend.lose)
+        self.settle()
+
+    @rule(seconds=st.sampled_from((0.1, 0.3, 0.6, 1.0, 2.5, 6.0, 40.0)))
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.switcher.nudge()
+        self.settle()
+
+    @rule()
+    def operator_unload(self) -> None:
+        self.inside(self.switcher.request_unload)
+        self.settle()
+
+    @rule(model=st.sampled_from(MODELS))
+    def operator_switch(self, model: str) -> None:
+        self.inside(lambda: self.switcher.request_switch(model))
+        self.settle()
+
+    # --- invariants -----------------------------------------------------------------------
+
+    @invariant()
+    def counts_equal_what_is_live(self) -> None:
+        core = self.switcher.core
+        leases: dict[str, int] = {}
+        for client in self.live():
+            lease = client.lease
+            if lease is not None and not lease.released:
+                leases[lease.model] = leases.get(lease.model, 0) + 1
+        held = {m: len(s) for m, s in self.switcher._leases.items() if s}
+        assert core.inflight == leases == held
+        assert core.waiting_total == sum(len(w) for w in core.waiters.values())
+        assert core.waiting_total == len(self.switcher._waiters)
+
+    @invariant()
+    def phases_are_consistent(self) -> None:
+        core = self.switcher.core
+        if core.phase is Phase.DRAINING:
+            assert core.active is not None
+            # A drain always ends: by its deadline, or when what is in flight finishes.
+            assert not core.cut_sent or not core.inflight.get(core.active)
+            assert core.next_deadline() is not None or core.inflight.get(core.active)
+        if core.phase is Phase.READY:
+            loaded = self.switcher.loaded
+            assert loaded is not None and loaded.served_model_name == core.active
+        if core.phase is Phase.LOADING:
+            assert core.active in self.backend.pending or core.active is not None
+
+    # --- after the storm ------------------------------------------------------------------
+
+    def teardown(self) -> None:
+        try:
+            for client in self.live():
+                client.done.set()
+            self.settle()
+            for client in self.live():
+                assert client.task is not None
+                client.task.cancel()
+            self.settle()
+            assert self.switcher.core.inflight == {}
+            self.now += 1000  # past every back-off, window and promise
+            self.switcher.nudge()
+            self.settle()
+            for model in MODELS:
+                self.served_after_the_storm(model)
+        finally:
+            self.switcher.stop()
+            self.loop.run_until_complete(asyncio.wait_for(self.runner, 10))
+            self.loop.close()
+
+    def served_after_the_storm(self, model: str) -> None:
+        client = Client(model)
+        client.task = self.loop.create_task(self.serve(client, 60.0))
+        for _ in range(20):
+            self.settle()
+            if client.outcome == "serving":
+                break
+            for future in list(self.backend.pending.values()):
+                future.set_result(None)
+            self.now += 1.0
+            self.switcher.nudge()
+        assert client.outcome == "serving", (model, client.outcome, self.switcher.status())
+        client.done.set()
+        self.settle()
+        assert client.outcome == "served"
+
+
+SwitchStorm.TestCase.settings = settings(
+    max_examples=80,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_switch_storm = SwitchStorm.TestCase
+
+
+def test_the_storm_machine_can_fail() -> None:
+    """The invariants are live: a count leaked on purpose is caught."""
+    machine = SwitchStorm()
+    try:
+        machine.switcher.core.inflight["a"] = 1
+        with pytest.raises(AssertionError):
+            machine.counts_equal_what_is_live()
+    finally:
+        machine.switcher.core.inflight.clear()
+        machine.teardown()
