@@ -1,8 +1,10 @@
 # vllm-chill: the proxy image (`examples/kubernetes-with-model-switching.yaml` runs it).
+# No registry publishes it: its name, localhost/vllm-chill:<version>, is a local one that no
+# pull can resolve to someone else's image. Build it, then side-load it or push it:
 #
-#   docker build -t ghcr.io/efortin/vllm-chill:0.1.0 .
-#   docker run --rm -p 8080:8080 ghcr.io/efortin/vllm-chill:0.1.0 \
-#     serve --backend sim --models /models        # (mount manifests at /models)
+#   docker build -t localhost/vllm-chill:0.1.0 .
+#   docker run --rm -p 8080:8080 -v "$PWD/manifests/examples:/models:ro" \
+#     localhost/vllm-chill:0.1.0 serve --backend sim --models /models
 
 FROM python:3.11-slim AS build
 WORKDIR /src

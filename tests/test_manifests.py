@@ -1,15 +1,17 @@
-"""The three places that hold VLLMModel's rules must agree (SPEC §4), and every manifest shipped
-in `manifests/` and `examples/` must be valid Kubernetes (SPEC §5).
+"""The three places that hold VLLMModel's rules must agree, and every manifest shipped in
+`manifests/` and `examples/` must be valid Kubernetes.
 
 The CRD's structural schema is checked as a JSON schema the way the API server applies it:
-`x-kubernetes-*` keys and `default` change nothing about validity, and fields the schema does
-not list are rejected (kubectl's default strict field validation; pruned otherwise).
+`x-kubernetes-*` keys change nothing about validity, and fields the schema does not list are
+rejected (kubectl's default strict field validation; pruned otherwise). Its CEL rules
+(`x-kubernetes-validations`) are checked through their Python equivalents in `CEL_RULES`.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,9 @@ from vllm_chill.model import (
     FIELDS,
     KIND,
     PLURAL,
+    REASONING_PARSERS,
+    TOOL_CALL_PARSER_RENAMES,
+    TOOL_CALL_PARSERS,
     ModelValidationError,
     VLLMModel,
 )
@@ -31,6 +36,7 @@ from vllm_chill.model import (
 ROOT = Path(__file__).resolve().parents[1]
 CRD_PATH = ROOT / "manifests" / "crds" / "vllmmodel.yaml"
 EXAMPLES = ROOT / "manifests" / "examples"
+CLUSTER_EXAMPLE = ROOT / "examples" / "kubernetes-with-model-switching.yaml"
 # The oldest Kubernetes minor the manifests promise to work on, and the newest known.
 K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
 JSON_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
@@ -64,9 +70,26 @@ def as_json_schema(schema: Any) -> Any:
 
 CRD = load_crd()
 OPENAPI = crd_version(CRD)["schema"]["openAPIV3Schema"]
-SPEC_SCHEMA = OPENAPI["properties"]["spec"]
+FIELDS_SCHEMA = OPENAPI["properties"]["spec"]
 # OpenAPI v3.0 schema objects follow JSON schema draft 4 (e.g. 1.0 is not an integer).
 VALIDATOR = jsonschema.Draft4Validator(as_json_schema(OPENAPI))
+
+#: The spec's CEL rules, as the API server evaluates them, in Python: rule -> (spec -> ok).
+CEL_RULES: dict[str, Callable[[Mapping[str, Any]], bool]] = {
+    "!has(self.enableAutoToolChoice) || !self.enableAutoToolChoice || "
+    "(has(self.toolCallParser) && self.toolCallParser != '')": lambda spec: (
+        not spec.get("enableAutoToolChoice") or bool(spec.get("toolCallParser"))
+    ),
+}
+
+
+def cel_rules() -> list[dict[str, Any]]:
+    rules: list[dict[str, Any]] = FIELDS_SCHEMA.get("x-kubernetes-validations", [])
+    return rules
+
+
+def one_line(rule: str) -> str:
+    return re.sub(r"\s+", " ", rule).strip()
 
 
 def resource(spec: Mapping[str, Any], name: str = "m") -> dict[str, Any]:
@@ -79,9 +102,16 @@ def resource(spec: Mapping[str, Any], name: str = "m") -> dict[str, Any]:
 
 
 def schema_errors(obj: Mapping[str, Any]) -> list[str]:
-    return [
+    errors = [
         f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in VALIDATOR.iter_errors(obj)
     ]
+    spec = obj.get("spec")
+    if not errors and isinstance(spec, Mapping):
+        # The API server runs CEL rules only on objects that pass the structural schema.
+        for rule in cel_rules():
+            if not CEL_RULES[one_line(rule["rule"])](spec):
+                errors.append(f"spec{rule.get('fieldPath', '')}: {rule['message']}")
+    return errors
 
 
 # -- the CRD itself -------------------------------------------------------------------------
@@ -122,9 +152,9 @@ def test_crd_status_subresource_and_printer_columns() -> None:
 
 def test_crd_spec_fields_are_exactly_the_rules_table() -> None:
     """Types, required, enums, bounds and defaults: the CRD and FIELDS say the same thing."""
-    properties = SPEC_SCHEMA["properties"]
+    properties = FIELDS_SCHEMA["properties"]
     assert set(properties) == {rule.key for rule in FIELDS} | {"extraArgs"}
-    assert set(SPEC_SCHEMA["required"]) == {rule.key for rule in FIELDS if rule.required}
+    assert set(FIELDS_SCHEMA["required"]) == {rule.key for rule in FIELDS if rule.required}
     assert OPENAPI["required"] == ["spec"]
     for rule in FIELDS:
         prop = properties[rule.key]
@@ -134,12 +164,6 @@ def test_crd_spec_fields_are_exactly_the_rules_table() -> None:
         assert prop.get("maximum") == rule.maximum, rule.key
         if rule.required:
             assert prop["minLength"] == 1, rule.key
-        if rule.default is None:
-            assert "default" not in prop, rule.key
-        else:
-            assert prop["default"] == rule.default, rule.key
-            # 1 == 1.0 == True in Python: the types must match too.
-            assert type(prop["default"]) is type(rule.default), rule.key
     assert properties["extraArgs"] == {
         "type": "array",
         "items": {"type": "string"},
@@ -147,16 +171,31 @@ def test_crd_spec_fields_are_exactly_the_rules_table() -> None:
     }
 
 
-def test_crd_defaults_are_valid_and_give_the_python_defaults() -> None:
-    minimal = {"modelName": "org/m", "servedModelName": "m"}
-    defaulted = dict(minimal)
-    for key, prop in SPEC_SCHEMA["properties"].items():
-        if "default" in prop:
-            # The API server refuses a CRD whose defaults break their own schema.
-            jsonschema.Draft4Validator(as_json_schema(prop)).validate(prop["default"])
-            defaulted.setdefault(key, prop["default"])
-    assert VLLMModel.from_spec(defaulted) == VLLMModel.from_spec(minimal)
-    assert VLLMModel.from_spec(defaulted).vllm_args() == VLLMModel.from_spec(minimal).vllm_args()
+def test_the_crd_sets_no_default() -> None:
+    """An unset field must reach vllm-chill unset, so that it renders no flag and vLLM's own
+    default applies; a CRD default would be stored in the object and rendered."""
+    for path, node in walk(OPENAPI):
+        assert "default" not in node, path
+
+
+def test_the_parser_enums_are_the_python_lists() -> None:
+    properties = FIELDS_SCHEMA["properties"]
+    assert properties["toolCallParser"]["enum"] == list(TOOL_CALL_PARSERS)
+    assert properties["reasoningParser"]["enum"] == list(REASONING_PARSERS)
+    for name in ("", "hermes", "mistral", "llama3_json", "internlm2", "qwen3_coder", "granite"):
+        assert name in properties["toolCallParser"]["enum"]
+    assert {"", "deepseek_r1", "qwen3", "openai_gptoss"} <= set(
+        properties["reasoningParser"]["enum"]
+    )
+
+
+def test_every_cel_rule_has_its_python_equivalent() -> None:
+    rules = cel_rules()
+    assert {one_line(r["rule"]) for r in rules} == set(CEL_RULES)
+    for rule in rules:
+        assert rule["message"]
+        # fieldPath names a field of the spec (the API server refuses a CRD otherwise).
+        assert rule["fieldPath"].removeprefix(".") in FIELDS_SCHEMA["properties"]
 
 
 def walk(schema: Mapping[str, Any], path: str = "") -> Iterator[tuple[str, Mapping[str, Any]]]:
@@ -241,7 +280,7 @@ def test_example_settings() -> None:
 BASE = {"modelName": "org/model", "servedModelName": "served"}
 UNSET = object()
 
-# (field, value): each breaks exactly one rule of SPEC §4. UNSET removes the field.
+# (field, value): each breaks exactly one rule of the table. UNSET removes the field.
 INVALID = [
     ("modelName", UNSET),
     ("servedModelName", UNSET),
@@ -253,6 +292,9 @@ INVALID = [
     ("toolCallParser", "hermes2"),
     ("toolCallParser", "Hermes"),
     ("toolCallParser", "llama3-json"),
+    ("toolCallParser", "internlm3"),
+    ("enableAutoToolChoice", True),  # without a toolCallParser: vLLM refuses to start
+    ("enableSleepMode", "yes"),
     ("reasoningParser", "deepseek_r2"),
     ("reasoningParser", 1),
     ("dtype", "fp8"),
@@ -281,9 +323,9 @@ INVALID = [
     ("cpuOffloadGB", -1),
     ("cpuOffloadGB", 0.5),
     ("enableAutoToolChoice", "yes"),
-    ("extraArgs", "--seed 0"),
-    ("extraArgs", ["--seed", 0]),
-    ("extraArgs", {"--seed": "0"}),
+    ("extraArgs", "--max-logprobs 5"),
+    ("extraArgs", ["--max-logprobs", 5]),
+    ("extraArgs", {"--max-logprobs": "5"}),
     ("maxModelLength", 4096),  # a typo is an unknown field, not a silent default
     ("model", "org/other"),
 ]
@@ -306,10 +348,12 @@ VALID = [
     *[(rule.key, value) for rule in FIELDS if rule.kind == "bool" for value in (True, False)],
     *[(rule.key, choice) for rule in FIELDS for choice in rule.choices or ()],
 ]
+#: What a valid value of a field needs beside it.
+NEEDS: dict[str, dict[str, Any]] = {"enableAutoToolChoice": {"toolCallParser": "hermes"}}
 
 
-def with_value(key: str, value: object) -> dict[str, Any]:
-    spec: dict[str, Any] = copy.deepcopy(BASE)
+def with_value(key: str, value: object, base: Mapping[str, Any] = BASE) -> dict[str, Any]:
+    spec: dict[str, Any] = copy.deepcopy(dict(base))
     if value is UNSET:
         spec.pop(key)
     else:
@@ -329,15 +373,30 @@ def test_invalid_spec_is_rejected_by_both(key: str, value: object) -> None:
 
 @pytest.mark.parametrize(("key", "value"), VALID, ids=repr)
 def test_valid_spec_is_accepted_by_both(key: str, value: object) -> None:
-    spec = with_value(key, value)
+    spec = with_value(key, value, {**BASE, **NEEDS.get(key, {})})
     assert schema_errors(resource(spec)) == []
     described = VLLMModel.from_manifest(resource(spec)).describe()
+    if key == "toolCallParser" and isinstance(value, str):
+        value = TOOL_CALL_PARSER_RENAMES.get(value, value)
     assert described.get(key, [] if key == "extraArgs" else None) == value
 
 
 def test_every_rule_of_the_table_is_exercised() -> None:
     """Adding a field to FIELDS without a bad value here would leave it unchecked."""
     assert {key for key, _ in INVALID} >= {rule.key for rule in FIELDS} | {"extraArgs"}
+
+
+@pytest.mark.parametrize("parser", [UNSET, ""], ids=repr)
+def test_auto_tool_choice_without_a_parser_is_rejected_by_both(parser: object) -> None:
+    spec = {**BASE, "enableAutoToolChoice": True}
+    if parser is not UNSET:
+        spec["toolCallParser"] = parser
+    assert schema_errors(resource(spec)) == [
+        "spec.enableAutoToolChoice: enableAutoToolChoice requires a toolCallParser"
+    ]
+    with pytest.raises(ModelValidationError) as caught:
+        VLLMModel.from_manifest(resource(spec))
+    assert [p.split(":")[0] for p in caught.value.problems] == ["spec.enableAutoToolChoice"]
 
 
 def test_missing_spec_is_rejected_by_both() -> None:
@@ -407,3 +466,60 @@ def test_shipped_document_is_valid_kubernetes(path: Path, doc: Any) -> None:
         else:
             for version in K8S_VERSIONS:
                 kubernetes_validate.validate(item, version, strict=True)
+
+
+# -- the Kubernetes example ------------------------------------------------------------------
+
+
+def cluster_example() -> dict[tuple[str, str], dict[str, Any]]:
+    docs = [d for d in yaml.safe_load_all(CLUSTER_EXAMPLE.read_text()) if d is not None]
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+def proxy_image() -> str:
+    """Our image's one name: the tag the Dockerfile says to build, at the package's version."""
+    [tag] = re.findall(r"docker build -t (\S+) \.", (ROOT / "Dockerfile").read_text())
+    return tag
+
+
+def test_the_proxy_image_is_ours_and_named_once() -> None:
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert version is not None
+    assert proxy_image() == f"localhost/vllm-chill:{version[1]}"
+    [container] = cluster_example()["Deployment", "vllm-chill"]["spec"]["template"]["spec"][
+        "containers"
+    ]
+    assert container["image"] == proxy_image()
+    assert container["imagePullPolicy"] == "IfNotPresent"
+    # The example says how to build it under that name.
+    assert f"docker build -t {proxy_image()} ." in CLUSTER_EXAMPLE.read_text()
+
+
+def test_no_file_names_another_projects_image() -> None:
+    """ghcr.io/efortin/vllm-chill is not published by this project: never run it."""
+    files = [ROOT / "Dockerfile", *[p.values[0] for p in SHIPPED]]
+    for path in files:
+        assert "ghcr.io/efortin" not in path.read_text(), path
+
+
+def test_no_pod_gets_service_links() -> None:
+    """A Service named `vllm` makes Kubernetes inject VLLM_PORT=tcp://..., which vLLM refuses
+    at start-up (it reads VLLM_PORT as a port number); VLLM_CHILL_* are the proxy's settings."""
+    deployments = {
+        name: doc for (kind, name), doc in cluster_example().items() if kind == "Deployment"
+    }
+    assert set(deployments) == {"vllm", "vllm-chill"}
+    for name, doc in deployments.items():
+        assert doc["spec"]["template"]["spec"]["enableServiceLinks"] is False, name
+
+
+def test_the_vllm_container_passes_the_model_as_a_flag() -> None:
+    """The vllm/vllm-openai image runs `python3 -m vllm.entrypoints.openai.api_server`, which
+    takes no positional model."""
+    spec = cluster_example()["Deployment", "vllm"]["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    assert container["image"].startswith("vllm/vllm-openai:")
+    assert "command" not in container
+    args = container["args"]
+    assert args[0].startswith("--")
+    assert args[args.index("--model") + 1] == "Qwen/Qwen3-Coder-30B-A3B-Instruct-FP8"

@@ -1,4 +1,4 @@
-"""VLLMModel: validation, defaults, the argv it renders, its ConfigMap keys (SPEC §4, §5)."""
+"""VLLMModel: validation, the argv it renders (unset renders nothing), its ConfigMap keys."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ from vllm_chill.model import (
     FIELDS,
     KIND,
     MANAGED_FLAGS,
+    REASONING_PARSERS,
+    TOOL_CALL_PARSERS,
+    VLLM_REASONING_PARSERS,
+    VLLM_TOOL_CALL_PARSERS,
+    FieldRule,
     ModelValidationError,
     VLLMModel,
     load_manifests,
@@ -31,45 +36,24 @@ def manifest(name: str, **spec: object) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_defaults_are_applied() -> None:
+def test_unset_fields_are_none() -> None:
     model = VLLMModel.from_spec(MINIMAL)
     assert model.name == "served"  # no metadata.name: the served name
     assert model.model_name == "org/model"
-    assert model.tool_call_parser == ""
-    assert model.reasoning_parser == ""
-    assert model.tensor_parallel_size == 1
-    assert model.max_model_len is None
-    assert model.gpu_memory_utilization == 0.9
-    assert model.enable_chunked_prefill is False
-    assert model.max_num_batched_tokens is None
-    assert model.max_num_seqs is None
-    assert model.dtype == "auto"
-    assert model.disable_custom_all_reduce is False
-    assert model.enable_prefix_caching is True
-    assert model.cpu_offload_gb == 0
-    assert model.enable_auto_tool_choice is False
-    assert model.extra_args == ()
-    # ... and those are exactly the rules table's defaults.
+    assert model.served_model_name == "served"
     for rule in FIELDS:
         if not rule.required:
-            assert getattr(model, rule.attr) == rule.default, rule.key
+            assert getattr(model, rule.attr) is None, rule.key
+    assert model.extra_args == ()
 
 
-def test_minimal_spec_renders_the_default_flags() -> None:
+def test_minimal_spec_renders_only_the_model_and_its_name() -> None:
+    """Unset means vLLM's own default: no flag, no value of ours in its place."""
     assert VLLMModel.from_spec(MINIMAL).vllm_args() == [
         "--model",
         "org/model",
         "--served-model-name",
         "served",
-        "--tensor-parallel-size",
-        "1",
-        "--gpu-memory-utilization",
-        "0.9",
-        "--dtype",
-        "auto",
-        "--enable-prefix-caching",
-        "--cpu-offload-gb",
-        "0",
     ]
 
 
@@ -91,7 +75,8 @@ def test_every_field_renders_its_flag_in_order() -> None:
             "enablePrefixCaching": True,
             "cpuOffloadGB": 4,
             "enableAutoToolChoice": True,
-            "extraArgs": ["--seed", "0"],
+            "enableSleepMode": True,
+            "extraArgs": ["--max-logprobs", "5"],
         }
     )
     assert model.vllm_args() == [
@@ -121,32 +106,129 @@ def test_every_field_renders_its_flag_in_order() -> None:
         "--cpu-offload-gb",
         "4",
         "--enable-auto-tool-choice",
-        "--seed",
-        "0",
+        "--enable-sleep-mode",
+        "--max-logprobs",
+        "5",
     ]
     without_model = model.vllm_args(include_model=False)
     assert "--model" not in without_model
     assert without_model == model.vllm_args()[2:]
 
 
-def test_false_booleans_are_left_out_except_prefix_caching_which_is_negated() -> None:
+def test_false_turns_off_what_vllm_turns_on_by_default() -> None:
+    """Prefix caching and chunked prefill are on in vLLM unless `--no-...` says otherwise."""
+    args = VLLMModel.from_spec(
+        {**MINIMAL, "enableChunkedPrefill": False, "enablePrefixCaching": False}
+    ).vllm_args()
+    assert args[4:] == ["--no-enable-chunked-prefill", "--no-enable-prefix-caching"]
+
+
+def test_true_renders_the_positive_flag() -> None:
+    args = VLLMModel.from_spec(
+        {**MINIMAL, "enableChunkedPrefill": True, "enablePrefixCaching": True}
+    ).vllm_args()
+    assert args[4:] == ["--enable-chunked-prefill", "--enable-prefix-caching"]
+
+
+def test_false_renders_nothing_for_flags_that_are_off_by_default() -> None:
     args = VLLMModel.from_spec(
         {
             **MINIMAL,
-            "enableChunkedPrefill": False,
             "disableCustomAllReduce": False,
             "enableAutoToolChoice": False,
-            "enablePrefixCaching": False,
+            "enableSleepMode": False,
         }
     ).vllm_args()
-    assert "--no-enable-prefix-caching" in args
-    assert "--enable-prefix-caching" not in args
-    for flag in ("--enable-chunked-prefill", "--disable-custom-all-reduce"):
-        assert flag not in args
-    assert "--enable-auto-tool-choice" not in args
+    assert args == VLLMModel.from_spec(MINIMAL).vllm_args()
     # A boolean flag never carries a value word.
     assert "false" not in args
     assert "true" not in args
+
+
+@pytest.mark.parametrize("rule", [r for r in FIELDS if not r.required], ids=lambda r: str(r.key))
+def test_an_unset_field_renders_no_flag(rule: FieldRule) -> None:
+    args = VLLMModel.from_spec(MINIMAL).vllm_args()
+    assert rule.flag not in args
+    assert rule.negative_flag is None or rule.negative_flag not in args
+
+
+def test_the_parsers_are_those_vllm_registers() -> None:
+    # Names people run today (vLLM 0.32's registries), and the ones this resource always took.
+    for name in ("hermes", "mistral", "llama3_json", "qwen3_coder", "granite", "internlm2"):
+        assert name in TOOL_CALL_PARSERS
+    for name in ("qwen3_xml", "openai", "deepseek_v31", "kimi_k2", "glm45", "llama4_pythonic"):
+        assert name in VLLM_TOOL_CALL_PARSERS
+    for name in ("deepseek_r1", "qwen3", "openai_gptoss", "deepseek_v3", "glm45", "granite"):
+        assert name in VLLM_REASONING_PARSERS
+    assert "internlm2" not in VLLM_TOOL_CALL_PARSERS  # vLLM calls it internlm
+    assert TOOL_CALL_PARSERS[0] == REASONING_PARSERS[0] == ""
+    for names in (TOOL_CALL_PARSERS, REASONING_PARSERS):
+        assert len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize("parser", VLLM_TOOL_CALL_PARSERS)
+def test_every_vllm_tool_call_parser_renders_as_itself(parser: str) -> None:
+    model = VLLMModel.from_spec({**MINIMAL, "toolCallParser": parser})
+    assert model.vllm_args()[4:6] == ["--tool-call-parser", parser]
+
+
+@pytest.mark.parametrize("parser", VLLM_REASONING_PARSERS)
+def test_every_vllm_reasoning_parser_renders_as_itself(parser: str) -> None:
+    model = VLLMModel.from_spec({**MINIMAL, "reasoningParser": parser})
+    assert model.vllm_args()[4:] == ["--reasoning-parser", parser]
+
+
+def test_internlm2_is_accepted_and_rendered_as_vllms_internlm() -> None:
+    model = VLLMModel.from_spec({**MINIMAL, "toolCallParser": "internlm2"})
+    assert model.vllm_args()[4:] == ["--tool-call-parser", "internlm", "--enable-auto-tool-choice"]
+    assert model.configmap_data()["TOOL_CALL_PARSER"] == "internlm"
+    assert model == VLLMModel.from_spec({**MINIMAL, "toolCallParser": "internlm"})
+
+
+@pytest.mark.parametrize("name", ["internlm3", "Hermes", "llama3-json", "qwen3-coder", "nope"])
+def test_unknown_parsers_are_still_rejected(name: str) -> None:
+    with pytest.raises(ModelValidationError) as caught:
+        VLLMModel.from_spec({**MINIMAL, "toolCallParser": name, "reasoningParser": name})
+    assert [p.split(":")[0] for p in caught.value.problems] == [
+        "spec.toolCallParser",
+        "spec.reasoningParser",
+    ]
+
+
+def test_auto_tool_choice_without_a_parser_is_rejected() -> None:
+    """vLLM exits at start: `--enable-auto-tool-choice requires --tool-call-parser`."""
+    for spec in ({}, {"toolCallParser": ""}):
+        with pytest.raises(ModelValidationError) as caught:
+            VLLMModel.from_spec({**MINIMAL, **spec, "enableAutoToolChoice": True})
+        assert caught.value.problems == [
+            "spec.enableAutoToolChoice: requires a toolCallParser "
+            "(vLLM refuses to start without one)"
+        ]
+
+
+def test_a_bad_parser_is_the_one_problem_named_with_auto_tool_choice() -> None:
+    with pytest.raises(ModelValidationError) as caught:
+        VLLMModel.from_spec({**MINIMAL, "toolCallParser": "nope", "enableAutoToolChoice": True})
+    assert [p.split(":")[0] for p in caught.value.problems] == ["spec.toolCallParser"]
+
+
+def test_a_parser_turns_auto_tool_choice_on_unless_it_is_false() -> None:
+    """vLLM loads a tool-call parser and never uses it without --enable-auto-tool-choice."""
+    implied = VLLMModel.from_spec({**MINIMAL, "toolCallParser": "hermes"})
+    assert implied.vllm_args()[4:] == ["--tool-call-parser", "hermes", "--enable-auto-tool-choice"]
+    assert implied.enable_auto_tool_choice is True
+    assert implied.describe()["enableAutoToolChoice"] is True
+    assert implied.configmap_data()["ENABLE_AUTO_TOOL_CHOICE"] == "true"
+    explicit = {**MINIMAL, "toolCallParser": "hermes", "enableAutoToolChoice": True}
+    assert implied == VLLMModel.from_spec(explicit)
+    off = VLLMModel.from_spec(
+        {**MINIMAL, "toolCallParser": "hermes", "enableAutoToolChoice": False}
+    )
+    assert off.vllm_args()[4:] == ["--tool-call-parser", "hermes"]
+    assert off.configmap_data()["ENABLE_AUTO_TOOL_CHOICE"] == "false"
+    # No parser (or the empty one): nothing implied.
+    for spec in (MINIMAL, {**MINIMAL, "toolCallParser": ""}):
+        assert VLLMModel.from_spec(spec).enable_auto_tool_choice is None
 
 
 def test_empty_parsers_are_omitted() -> None:
@@ -194,15 +276,18 @@ def test_every_rendered_flag_is_managed() -> None:
             "maxNumSeqs": 8,
             "disableCustomAllReduce": True,
             "enableAutoToolChoice": True,
+            "enableSleepMode": True,
         }
     )
-    everything_off = VLLMModel.from_spec({**MINIMAL, "enablePrefixCaching": False})
+    everything_off = VLLMModel.from_spec(
+        {**MINIMAL, "enablePrefixCaching": False, "enableChunkedPrefill": False}
+    )
     for model in (everything_on, everything_off):
         flags = {a for a in model.vllm_args() if a.startswith("--")}
         assert flags <= MANAGED_FLAGS
 
 
-def test_configmap_data_has_the_spec_keys() -> None:
+def test_configmap_data_has_every_key_and_unset_is_empty() -> None:
     data = VLLMModel.from_spec(
         {**MINIMAL, "toolCallParser": "hermes", "maxModelLen": 8192, "enablePrefixCaching": False}
     ).configmap_data()
@@ -211,19 +296,36 @@ def test_configmap_data_has_the_spec_keys() -> None:
         "SERVED_MODEL_NAME": "served",
         "TOOL_CALL_PARSER": "hermes",
         "REASONING_PARSER": "",
-        "TENSOR_PARALLEL_SIZE": "1",
+        "TENSOR_PARALLEL_SIZE": "",
         "MAX_MODEL_LEN": "8192",
-        "GPU_MEMORY_UTILIZATION": "0.9",
-        "ENABLE_CHUNKED_PREFILL": "false",
+        "GPU_MEMORY_UTILIZATION": "",
+        "ENABLE_CHUNKED_PREFILL": "",
         "MAX_NUM_BATCHED_TOKENS": "",
         "MAX_NUM_SEQS": "",
-        "DTYPE": "auto",
-        "DISABLE_CUSTOM_ALL_REDUCE": "false",
+        "DTYPE": "",
+        "DISABLE_CUSTOM_ALL_REDUCE": "",
         "ENABLE_PREFIX_CACHING": "false",
-        "CPU_OFFLOAD_GB": "0",
-        "ENABLE_AUTO_TOOL_CHOICE": "false",
+        "CPU_OFFLOAD_GB": "",
+        "ENABLE_AUTO_TOOL_CHOICE": "true",  # turned on by the parser
     }
     assert all(isinstance(v, str) for v in data.values())
+
+
+def test_configmap_data_writes_set_values_as_vllm_reads_them() -> None:
+    data = VLLMModel.from_spec(
+        {
+            **MINIMAL,
+            "tensorParallelSize": 2,
+            "gpuMemoryUtilization": 0.85,
+            "enableChunkedPrefill": True,
+            "dtype": "bfloat16",
+            "disableCustomAllReduce": False,
+            "cpuOffloadGB": 0,
+        }
+    ).configmap_data()
+    assert (data["TENSOR_PARALLEL_SIZE"], data["GPU_MEMORY_UTILIZATION"]) == ("2", "0.85")
+    assert (data["ENABLE_CHUNKED_PREFILL"], data["DISABLE_CUSTOM_ALL_REDUCE"]) == ("true", "false")
+    assert (data["DTYPE"], data["CPU_OFFLOAD_GB"]) == ("bfloat16", "0")
 
 
 def test_one_error_names_every_invalid_field() -> None:
@@ -270,7 +372,7 @@ def test_one_error_names_every_invalid_field() -> None:
         ("gpuMemoryUtilization", float("nan")),
         ("gpuMemoryUtilization", float("inf")),
         ("modelName", "   "),
-        ("extraArgs", ["--seed", 0]),
+        ("extraArgs", ["--max-logprobs", 5]),
     ],
 )
 def test_values_that_only_look_right_are_rejected(key: str, value: object) -> None:
@@ -293,8 +395,7 @@ def test_whole_manifest_keeps_name_and_namespace() -> None:
         "ai-apps",
         "served",
     )
-    assert model.describe()["servedModelName"] == "served"
-    assert model.describe()["dtype"] == "auto"
+    assert model.describe() == {"modelName": "org/model", "servedModelName": "served"}
 
 
 def test_wrong_api_version_kind_and_missing_spec_are_all_named() -> None:
@@ -360,9 +461,11 @@ def test_broken_yaml_is_a_validation_error() -> None:
 
 def test_models_are_immutable_values() -> None:
     a = VLLMModel.from_spec(MINIMAL)
-    b = VLLMModel.from_spec({**MINIMAL, "dtype": "auto"})  # the default, spelled out
+    b = VLLMModel.from_spec({**MINIMAL})
     assert a == b
     assert hash(a) == hash(b)
+    # Unset and vLLM's default spelled out are different specs (one renders `--dtype auto`).
+    assert a != VLLMModel.from_spec({**MINIMAL, "dtype": "auto"})
     assert a != VLLMModel.from_spec({**MINIMAL, "dtype": "half"})
     with pytest.raises(AttributeError):
         a.dtype = "half"  # type: ignore[misc]

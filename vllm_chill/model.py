@@ -1,9 +1,14 @@
-"""The `VLLMModel` resource (SPEC §4): one validated model and the vLLM flags it renders.
+"""The `VLLMModel` resource: one validated model and the vLLM flags it renders.
 
 The same rules live in three places that must agree: this module, the CRD's OpenAPI schema in
 `manifests/crds/vllmmodel.yaml`, and the tests that check the examples against both. The table
-`FIELDS` is the single Python source of those rules, so validation, defaults, flag rendering and
-the ConfigMap keys cannot drift apart inside the package.
+`FIELDS` is the single Python source of those rules, so validation, flag rendering and the
+ConfigMap keys cannot drift apart inside the package.
+
+A field left unset renders no flag, so vLLM's own default applies (vLLM turns prefix caching and
+chunked prefill on by itself, picks its own memory fraction, ...). A boolean renders its flag
+when true; when false, the `--no-...` form for the ones vLLM turns on by default, and nothing for
+the ones that are off by default.
 """
 
 from __future__ import annotations
@@ -20,8 +25,113 @@ API_VERSION = f"{API_GROUP}/v1alpha1"
 KIND = "VLLMModel"
 PLURAL = "vllmmodels"
 
-TOOL_CALL_PARSERS = ("", "hermes", "mistral", "llama3_json", "internlm2", "qwen3_coder", "granite")
-REASONING_PARSERS = ("", "deepseek_r1")
+#: The tool-call parsers vLLM registers (`ToolParserManager`, `vllm/tool_parsers/__init__.py`
+#: of vLLM 0.32), in vLLM's spelling.
+VLLM_TOOL_CALL_PARSERS = (
+    "apertus",
+    "cohere_command3",
+    "cohere_command4",
+    "deepseek_v3",
+    "deepseek_v31",
+    "deepseek_v32",
+    "deepseek_v4",
+    "deepseek_v41",
+    "dots",
+    "ernie45",
+    "functiongemma",
+    "gemma4",
+    "gigachat3",
+    "glm45",
+    "glm47",
+    "granite",
+    "granite-20b-fc",
+    "granite4",
+    "hermes",
+    "hf",
+    "hunyuan_a13b",
+    "hy_v3",
+    "hy_v4",
+    "inkling",
+    "internlm",
+    "jamba",
+    "k2_horizon",
+    "kimi_k2",
+    "kimi_k3",
+    "lfm2",
+    "ling3",
+    "llama3_json",
+    "llama4_json",
+    "llama4_pythonic",
+    "longcat",
+    "mimo",
+    "minicpm5",
+    "minimax_m2",
+    "minimax_m3",
+    "mistral",
+    "muse_glimmer",
+    "olmo3",
+    "openai",
+    "phi4_mini_json",
+    "plamo3",
+    "poolside_v1",
+    "pythonic",
+    "qwen3_coder",
+    "qwen3_json",
+    "qwen3_xml",
+    "seed_oss",
+    "step3",
+    "step3p5",
+    "xlam",
+)
+#: Names this resource has always accepted that vLLM spells differently: accepted as written,
+#: rendered (and stored) as vLLM's name.
+TOOL_CALL_PARSER_RENAMES: Mapping[str, str] = {"internlm2": "internlm"}
+#: `""` means no parser (the flag is left out).
+TOOL_CALL_PARSERS = ("", *VLLM_TOOL_CALL_PARSERS, *TOOL_CALL_PARSER_RENAMES)
+
+#: The reasoning parsers vLLM registers (`ReasoningParserManager`, `vllm/reasoning/__init__.py`
+#: of vLLM 0.32).
+VLLM_REASONING_PARSERS = (
+    "cohere_command3",
+    "cohere_command4",
+    "deepseek_r1",
+    "deepseek_v3",
+    "deepseek_v4",
+    "deepseek_v41",
+    "ernie45",
+    "gemma4",
+    "glm45",
+    "glm47",
+    "granite",
+    "granite_thinking_parser",
+    "hf",
+    "holo2",
+    "hunyuan_a13b",
+    "hy_v3",
+    "hy_v4",
+    "inkling",
+    "k2_horizon",
+    "kimi_k2",
+    "kimi_k3",
+    "ling3",
+    "mimo",
+    "minicpmv",
+    "minimax_m2",
+    "minimax_m2_append_think",
+    "minimax_m3",
+    "mistral",
+    "muse_glimmer",
+    "nemotron_v3",
+    "olmo3",
+    "openai_gptoss",
+    "plamo3",
+    "poolside_v1",
+    "qwen3",
+    "seed_oss",
+    "step3",
+    "step3p5",
+)
+REASONING_PARSERS = ("", *VLLM_REASONING_PARSERS)
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 FieldKind = Literal["str", "int", "float", "bool"]
@@ -29,19 +139,23 @@ FieldKind = Literal["str", "int", "float", "bool"]
 
 @dataclass(frozen=True)
 class FieldRule:
-    """One spec field: its type, its rule, its CRD default, and how it becomes a vLLM flag."""
+    """One spec field: its type, its rule, and how it becomes a vLLM flag and a ConfigMap key.
+
+    No field has a default: unset is `None` and renders nothing.
+    """
 
     key: str  # camelCase name in the manifest
     attr: str  # snake_case attribute on VLLMModel
     kind: FieldKind
     flag: str | None
     configmap_key: str | None
-    default: Any = None
     required: bool = False
     choices: tuple[str, ...] | None = None
+    #: Accepted values that are stored and rendered under another name.
+    renames: Mapping[str, str] = field(default_factory=dict, hash=False)
     minimum: float | None = None
     maximum: float | None = None
-    # Booleans: flag when true; `negative_flag` when false (None: omitted when false).
+    # Booleans: `flag` when true; `negative_flag` when false (None: nothing when false).
     negative_flag: str | None = None
 
 
@@ -61,8 +175,8 @@ FIELDS: tuple[FieldRule, ...] = (
         "str",
         "--tool-call-parser",
         "TOOL_CALL_PARSER",
-        default="",
         choices=TOOL_CALL_PARSERS,
+        renames=TOOL_CALL_PARSER_RENAMES,
     ),
     FieldRule(
         "reasoningParser",
@@ -70,7 +184,6 @@ FIELDS: tuple[FieldRule, ...] = (
         "str",
         "--reasoning-parser",
         "REASONING_PARSER",
-        default="",
         choices=REASONING_PARSERS,
     ),
     FieldRule(
@@ -79,7 +192,6 @@ FIELDS: tuple[FieldRule, ...] = (
         "int",
         "--tensor-parallel-size",
         "TENSOR_PARALLEL_SIZE",
-        default=1,
         minimum=1,
     ),
     FieldRule(
@@ -91,7 +203,6 @@ FIELDS: tuple[FieldRule, ...] = (
         "float",
         "--gpu-memory-utilization",
         "GPU_MEMORY_UTILIZATION",
-        default=0.9,
         minimum=0.1,
         maximum=1.0,
     ),
@@ -101,7 +212,7 @@ FIELDS: tuple[FieldRule, ...] = (
         "bool",
         "--enable-chunked-prefill",
         "ENABLE_CHUNKED_PREFILL",
-        default=False,
+        negative_flag="--no-enable-chunked-prefill",
     ),
     FieldRule(
         "maxNumBatchedTokens",
@@ -112,14 +223,13 @@ FIELDS: tuple[FieldRule, ...] = (
         minimum=1,
     ),
     FieldRule("maxNumSeqs", "max_num_seqs", "int", "--max-num-seqs", "MAX_NUM_SEQS", minimum=1),
-    FieldRule("dtype", "dtype", "str", "--dtype", "DTYPE", default="auto", choices=DTYPES),
+    FieldRule("dtype", "dtype", "str", "--dtype", "DTYPE", choices=DTYPES),
     FieldRule(
         "disableCustomAllReduce",
         "disable_custom_all_reduce",
         "bool",
         "--disable-custom-all-reduce",
         "DISABLE_CUSTOM_ALL_REDUCE",
-        default=False,
     ),
     FieldRule(
         "enablePrefixCaching",
@@ -127,17 +237,10 @@ FIELDS: tuple[FieldRule, ...] = (
         "bool",
         "--enable-prefix-caching",
         "ENABLE_PREFIX_CACHING",
-        default=True,
         negative_flag="--no-enable-prefix-caching",
     ),
     FieldRule(
-        "cpuOffloadGB",
-        "cpu_offload_gb",
-        "int",
-        "--cpu-offload-gb",
-        "CPU_OFFLOAD_GB",
-        default=0,
-        minimum=0,
+        "cpuOffloadGB", "cpu_offload_gb", "int", "--cpu-offload-gb", "CPU_OFFLOAD_GB", minimum=0
     ),
     FieldRule(
         "enableAutoToolChoice",
@@ -145,8 +248,8 @@ FIELDS: tuple[FieldRule, ...] = (
         "bool",
         "--enable-auto-tool-choice",
         "ENABLE_AUTO_TOOL_CHOICE",
-        default=False,
     ),
+    FieldRule("enableSleepMode", "enable_sleep_mode", "bool", "--enable-sleep-mode", None),
 )
 
 FIELDS_BY_KEY = {f.key: f for f in FIELDS}
@@ -155,6 +258,9 @@ FIELDS_BY_KEY = {f.key: f for f in FIELDS}
 MANAGED_FLAGS = frozenset(
     [f.flag for f in FIELDS if f.flag] + [f.negative_flag for f in FIELDS if f.negative_flag]
 )
+#: What `enableAutoToolChoice: true` without a tool-call parser is refused with (vLLM exits at
+#: start with "--enable-auto-tool-choice requires --tool-call-parser").
+AUTO_TOOL_CHOICE_NEEDS_PARSER = "requires a toolCallParser (vLLM refuses to start without one)"
 
 
 class ModelValidationError(ValueError):
@@ -173,19 +279,21 @@ class VLLMModel:
     name: str
     model_name: str
     served_model_name: str
-    tool_call_parser: str = ""
-    reasoning_parser: str = ""
-    tensor_parallel_size: int = 1
+    # Everything below: None when the manifest leaves it unset (no flag, vLLM's default).
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
+    tensor_parallel_size: int | None = None
     max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.9
-    enable_chunked_prefill: bool = False
+    gpu_memory_utilization: float | None = None
+    enable_chunked_prefill: bool | None = None
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
-    dtype: str = "auto"
-    disable_custom_all_reduce: bool = False
-    enable_prefix_caching: bool = True
-    cpu_offload_gb: int = 0
-    enable_auto_tool_choice: bool = False
+    dtype: str | None = None
+    disable_custom_all_reduce: bool | None = None
+    enable_prefix_caching: bool | None = None
+    cpu_offload_gb: int | None = None
+    enable_auto_tool_choice: bool | None = None
+    enable_sleep_mode: bool | None = None
     extra_args: tuple[str, ...] = ()
     namespace: str | None = None
     #: The manifest's `spec` as written (for `/proxy/models`); not part of equality.
@@ -200,7 +308,11 @@ class VLLMModel:
         namespace: str | None = None,
         source: str = "spec",
     ) -> VLLMModel:
-        """Validate a `spec` mapping, apply the CRD's defaults, and collect every problem."""
+        """Validate a `spec` mapping and collect every problem.
+
+        A tool-call parser without `enableAutoToolChoice` turns auto tool choice on (vLLM would
+        load the parser and never use it); `enableAutoToolChoice: false` keeps it off.
+        """
         if not isinstance(spec, Mapping):
             raise ModelValidationError(source, ["spec: must be a mapping"])
         problems: list[str] = []
@@ -210,8 +322,6 @@ class VLLMModel:
             if raw is None:
                 if rule.required:
                     problems.append(f"spec.{rule.key}: required")
-                else:
-                    values[rule.attr] = rule.default
                 continue
             value, problem = _check(rule, raw)
             if problem:
@@ -225,6 +335,12 @@ class VLLMModel:
                 problems.append("spec.extraArgs: must be a list of strings")
             else:
                 extra_args = tuple(extra)
+        parser = values.get("tool_call_parser")
+        auto_tool_choice = values.get("enable_auto_tool_choice")
+        if auto_tool_choice and not parser and "toolCallParser" not in _failed(problems):
+            problems.append(f"spec.enableAutoToolChoice: {AUTO_TOOL_CHOICE_NEEDS_PARSER}")
+        elif parser and auto_tool_choice is None:
+            values["enable_auto_tool_choice"] = True
         known = {*FIELDS_BY_KEY, "extraArgs"}
         problems.extend(f"spec.{key}: unknown field" for key in spec if key not in known)
         if name is not None and (not isinstance(name, str) or not name):
@@ -282,20 +398,24 @@ class VLLMModel:
             value = getattr(self, rule.attr)
             if rule.flag is None or (rule.flag == "--model" and not include_model):
                 continue
+            if value is None or value == "":
+                continue
             if rule.kind == "bool":
                 if value:
                     args.append(rule.flag)
                 elif rule.negative_flag:
                     args.append(rule.negative_flag)
-            elif value is None or (rule.choices is not None and value == ""):
-                continue
             else:
                 args.extend((rule.flag, _render(value)))
         args.extend(self.extra_args)
         return args
 
     def configmap_data(self) -> dict[str, str]:
-        """The ConfigMap keys of SPEC §5, for Deployments that build their command from them."""
+        """The ConfigMap keys, for Deployments that build vLLM's command from them.
+
+        Values are vLLM's (`internlm2` is written `internlm`); an unset field is `""`, which such
+        a command must read as "leave the flag out".
+        """
         data: dict[str, str] = {}
         for rule in FIELDS:
             if rule.configmap_key is None:
@@ -305,7 +425,11 @@ class VLLMModel:
         return data
 
     def describe(self) -> dict[str, Any]:
-        """The spec with defaults applied, in manifest (camelCase) keys, for API answers."""
+        """The fields that are set, in manifest (camelCase) keys, for API answers.
+
+        Values are the effective ones: vLLM's parser name, and `enableAutoToolChoice` turned on
+        by a tool-call parser.
+        """
         out: dict[str, Any] = {
             rule.key: getattr(self, rule.attr)
             for rule in FIELDS
@@ -314,6 +438,11 @@ class VLLMModel:
         if self.extra_args:
             out["extraArgs"] = list(self.extra_args)
         return out
+
+
+def _failed(problems: list[str]) -> set[str]:
+    """The spec keys that already have a problem."""
+    return {p.split(":", 1)[0].removeprefix("spec.") for p in problems}
 
 
 def _render(value: Any) -> str:
@@ -332,7 +461,7 @@ def _check(rule: FieldRule, raw: Any) -> tuple[Any, str | None]:
         if rule.choices is not None and raw not in rule.choices:
             allowed = ", ".join(repr(c) for c in rule.choices)
             return None, f"must be one of {allowed}"
-        return raw, None
+        return rule.renames.get(raw, raw), None
     if rule.kind == "bool":
         if not isinstance(raw, bool):
             return None, "must be a boolean"

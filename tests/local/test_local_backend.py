@@ -121,6 +121,29 @@ async def test_command_not_found_fails_the_load_with_the_reason(tracker: Tracker
     assert "cannot start '/nonexistent/vllm': No such file or directory" in failure.value.reason
 
 
+async def test_a_server_that_loaded_another_model_fails_the_load_at_once(
+    tracker: Tracker,
+) -> None:
+    # A command with a fixed model: the server answers to the served name, but its `root`
+    # (the model it loaded, as vLLM reports it) is not the model's modelName.
+    fixed = standin_command("org/fixed {args} --host 127.0.0.1 --port {port}")
+    backend = LocalProcessBackend(fixed, grace_period=1.0)
+    await backend.start(lambda _: None)
+    try:
+        with anyio.fail_after(10), pytest.raises(LoadError) as failure:
+            await backend.load(make_model("wanted", load_time=0.1), lambda _: None)
+        reason = failure.value.reason
+        assert "'org/fixed'" in reason
+        assert "'org/wanted' (modelName)" in reason
+        assert "another model" in reason
+        # When the root is the modelName, the same command loads.
+        loaded = await backend.load(make_model("fixed", model_name="org/fixed"), lambda _: None)
+        assert await chat(loaded) == "hello from fixed"
+    finally:
+        await backend.stop()
+    assert len(tracker.started) == 2
+
+
 async def test_a_model_ignoring_sigterm_is_replaced_after_the_grace_period(
     backend: LocalProcessBackend, tracker: Tracker
 ) -> None:

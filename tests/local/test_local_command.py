@@ -14,7 +14,7 @@ MODEL = VLLMModel.from_spec(
         "modelName": "Qwen/Qwen3-8B",
         "servedModelName": "qwen3",
         "maxModelLen": 8192,
-        "extraArgs": ["--seed", "7"],
+        "extraArgs": ["--threads", "7"],
     }
 )
 FLAGS = MODEL.vllm_args(include_model=False)
@@ -57,7 +57,7 @@ def test_extra_args_passes_only_the_models_extra_args() -> None:
         "/models/Qwen/Qwen3-8B.gguf",
         "--alias",
         "qwen3",
-        "--seed",
+        "--threads",
         "7",
         "--port",
         "5555",

@@ -1,11 +1,14 @@
-"""`LocalProcessBackend` (SPEC §6): one model server at a time, as a child process group.
+"""`LocalProcessBackend`: one model server at a time, as a child process group.
 
 For the machine with GPUs and no cluster. Each load starts the `--command` template (see
 `local_command`) on a free loopback port and is ready when `/health` answers 200 and
-`/v1/models` lists the served name. The server's output is logged line by line under
-`vllm_chill.local`, prefixed with the served name, and its last lines are the reason of a
-failed load, because a crash during load (`CUDA out of memory`, `unrecognized arguments`) is
-what the operator must see, and see at once rather than after `--model-switch-timeout`.
+`/v1/models` lists the served name with the model's `modelName` as its `root` (what vLLM
+reports as the model it loaded). A server that lists the served name with another `root`
+loaded something else (a `--command` with a fixed model, say): the load fails at once. The
+server's output is logged line by line under `vllm_chill.local`, prefixed with the served
+name, and its last lines are the reason of a failed load, because a crash during load (`CUDA
+out of memory`, `unrecognized arguments`) is what the operator must see, and see at once rather
+than after `--model-switch-timeout`.
 
 What is guaranteed about leftover processes:
 
@@ -238,7 +241,9 @@ class LocalProcessBackend:
             progress("waiting for /health")
             await self._poll(server, lambda: _health_ok(client))
             progress("waiting for /v1/models")
-            await self._poll(server, lambda: _lists_model(client, server.name))
+            await self._poll(
+                server, lambda: _lists_model(client, server.name, server.model.model_name)
+            )
 
     async def _poll(self, server: _Server, probe: Callable[[], Awaitable[bool]]) -> None:
         """Probe with a short backoff until it succeeds; fail the moment the process exits."""
@@ -429,7 +434,7 @@ async def _health_ok(client: httpx.AsyncClient) -> bool:
     return response.status_code == 200
 
 
-async def _lists_model(client: httpx.AsyncClient, served_model_name: str) -> bool:
+async def _lists_model(client: httpx.AsyncClient, served_model_name: str, model_name: str) -> bool:
     try:
         response = await client.get("/v1/models")
     except httpx.HTTPError:
@@ -442,10 +447,19 @@ async def _lists_model(client: httpx.AsyncClient, served_model_name: str) -> boo
     if response.status_code != 200:
         return False
     try:
-        listed = {entry.get("id") for entry in response.json()["data"]}
+        entries = [e for e in response.json()["data"] if e.get("id") == served_model_name]
     except (ValueError, KeyError, TypeError, AttributeError):
         return False
-    return served_model_name in listed
+    if not entries:
+        return False
+    # vLLM's `root` is the model it was started with; a server without the field cannot tell.
+    roots = {e["root"] for e in entries if isinstance(e.get("root"), str)}
+    if roots and model_name not in roots:
+        raise LoadError(
+            f"the model server serves {served_model_name!r} from {sorted(roots)[0]!r}, not from "
+            f"{model_name!r} (modelName): it loaded another model; check --command"
+        )
+    return True
 
 
 # -- processes and ports ---------------------------------------------------------------------
