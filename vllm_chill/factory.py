@@ -76,6 +76,8 @@ def _kubernetes(settings: Settings, api_client: Any) -> tuple[ModelRegistry, Bac
         deployment=settings.deployment,
         container=settings.container,
         configmap=settings.configmap,
+        unschedulable_grace=settings.unschedulable_grace,
+        image_pull_grace=settings.image_pull_grace,
         upstream=settings.upstream,
         upstream_api_key=settings.upstream_api_key,
         switch_models=settings.enable_model_switch,

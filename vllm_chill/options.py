@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 
 MiB = 1024 * 1024
 
+#: Kubernetes: how long a vLLM pod may wait for a node (without an autoscaler's word) or for its
+#: volume, and how long the kubelet may retry a failed image pull, before the load fails.
+DEFAULT_UNSCHEDULABLE_GRACE = 60.0
+DEFAULT_IMAGE_PULL_GRACE = 60.0
+
 
 @dataclass(frozen=True)
 class ProxyOptions:

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import pytimeparse2
 
 from .backends.local_command import DEFAULT_COMMAND, CommandTemplate
-from .options import ProxyOptions
+from .options import DEFAULT_IMAGE_PULL_GRACE, DEFAULT_UNSCHEDULABLE_GRACE, ProxyOptions
 
 ENV_PREFIX = "VLLM_CHILL_"
 #: Where Kubernetes mounts the pod's namespace (the default for `--namespace`).
@@ -277,8 +277,29 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--container",
         "container",
-        "the vLLM container in the Deployment (default: the only one, else the one named vllm)",
+        "the vLLM container in the Deployment (default: the only one, else the one that runs vLLM)",
         metavar="NAME",
+        group="kubernetes",
+        backends=_K8S,
+    ),
+    Option(
+        "--unschedulable-grace",
+        "unschedulable_grace",
+        "how long the vLLM pod may stay unschedulable (no node fits, or its volume is unbound) "
+        "before the load fails, unless a cluster autoscaler announced a node for it; "
+        "NotTriggerScaleUp fails at once (default 1m)",
+        parse_duration,
+        metavar="DURATION",
+        group="kubernetes",
+        backends=_K8S,
+    ),
+    Option(
+        "--image-pull-grace",
+        "image_pull_grace",
+        "how long the kubelet may keep retrying a failed image pull before the load fails; "
+        "not found or denied fail at once (default 1m)",
+        parse_duration,
+        metavar="DURATION",
         group="kubernetes",
         backends=_K8S,
     ),
@@ -515,6 +536,8 @@ class Settings:
     namespace: str = "default"
     deployment: str | None = None
     container: str | None = None
+    unschedulable_grace: float = DEFAULT_UNSCHEDULABLE_GRACE
+    image_pull_grace: float = DEFAULT_IMAGE_PULL_GRACE
     configmap: str | None = None
     kubeconfig: str | None = None
     #: kubernetes: the resolved vLLM Service URL (no trailing slash); None with other backends.

@@ -1,6 +1,6 @@
 """A simulated cluster for the Kubernetes backend: API emulator + controller/kubelet simulator.
 
-`simulated_cluster()` starts kmock's emulator (`emulator.ApiServer`) on a loopback port, seeds
+`simulated_cluster()` starts kmock's emulator (`emulator.ApiServer`) on a loopback port, fills
 it with a vLLM Deployment like the one in `examples/`, its ConfigMap and some `VLLMModel`s,
 and runs `KubeletSim`, which plays the Deployment controller, the scheduler and the kubelet
 for that Deployment, entirely through the HTTP API:
@@ -8,8 +8,13 @@ for that Deployment, entirely through the HTTP API:
 - it watches the Deployment; on a template change it deletes the old pod first (strategy
   Recreate), creates a pod object from the template, and walks it through scheduling, image
   pull and container start, writing the pod's status as a kubelet would;
-- the "container" is a `SimModelServer` whose served name is READ FROM THE POD'S ARGS, so a
+- the "container" (the one named `container`, "vllm" by default) is a `SimModelServer` whose
+  served name and model (`root` in /v1/models) are READ FROM THE POD'S COMMAND AND ARGS, so a
   request answered by the right model proves that the args landed in the Deployment;
+- with `linger`, a deleted pod stays Terminating that long (its server still holding the
+  "GPU"): a pod created meanwhile is Unschedulable until it is gone (`overlaps` counts them);
+- the scheduler's and the autoscaler's words about a pod are Events on the pod
+  (`TriggeredScaleUp`, `NotTriggerScaleUp`), as cluster-autoscaler writes them;
 - it writes the Deployment's status (observedGeneration, replicas, updated/ready/available,
   the Progressing condition) as the Deployment controller does;
 - `replicas: 0` deletes the pod and stops its server.
@@ -55,6 +60,16 @@ VLLMMODELS = kmock.resource(API_GROUP, API_VERSION.split("/")[1], PLURAL)
 CRASH_LOOP = "crash-loop"
 IMAGE_PULL = "image-pull"
 UNSCHEDULABLE = "unschedulable"
+#: Unschedulable; a cluster autoscaler announces a node, which is ready after `wait_time`.
+SCALE_UP = "scale-up"
+#: Unschedulable; the cluster autoscaler says no node group can host the pod.
+NO_SCALE_UP = "no-scale-up"
+#: Unschedulable until its PersistentVolumeClaim binds, after `wait_time`.
+VOLUME_PENDING = "volume-pending"
+#: One image pull fails with a network error; the kubelet's retry (after `wait_time`) works.
+PULL_BLIP = "pull-blip"
+#: The pod loads another model than its args say (`root` in /v1/models).
+WRONG_MODEL = "wrong-model"
 OOM_KILLED = "oom"
 PROGRESS_DEADLINE = "progress-deadline"
 NEVER_READY = "never-ready"
@@ -66,8 +81,21 @@ UNSCHEDULABLE_MESSAGE = (
     "0/3 nodes are available: 3 Insufficient nvidia.com/gpu. preemption: 0/3 nodes are "
     "available: 3 No preemption victims found for incoming pod."
 )
+VOLUME_MESSAGE = (
+    "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims. preemption: "
+    "0/3 nodes are available: 3 Preemption is not helpful for scheduling."
+)
+SCALE_UP_MESSAGE = "pod triggered scale-up: [{gpu-pool 0->1 (max: 2)}]"
+NO_SCALE_UP_MESSAGE = (
+    "pod didn't trigger scale-up: 1 max node group size reached, 2 Insufficient nvidia.com/gpu"
+)
+PULL_BLIP_MESSAGE = (
+    'failed to pull and unpack image "docker.io/vllm/vllm-openai:v0.10.1": failed to copy: '
+    "httpReadSeeker: failed open: failed to do request: Get "
+    '"https://registry-1.docker.io/v2/vllm/vllm-openai/blobs/sha256:ab12": dial tcp: i/o timeout'
+)
 
-#: The unmanaged args of the seeded Deployment, which every rewrite must keep.
+#: The unmanaged args of the initial Deployment, which every rewrite must keep.
 BASE_ARGS = ["--port", "8000", "--host", "0.0.0.0", "--api-key=$(VLLM_API_KEY)"]
 
 
@@ -87,9 +115,27 @@ def model_manifest(name: str, served: str | None = None, **spec: Any) -> dict[st
 
 
 def vllm_deployment(
-    namespace: str, name: str, *, args: Sequence[str], replicas: int = 0
+    namespace: str,
+    name: str,
+    *,
+    args: Sequence[str],
+    replicas: int = 0,
+    command: Sequence[str] | None = None,
+    container: str = "vllm",
+    sidecars: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The vLLM Deployment as `examples/kubernetes-with-model-switching.yaml` has it."""
+    """The vLLM Deployment as `examples/kubernetes-with-model-switching.yaml` has it; with
+    `command` (`["vllm"]`, `["vllm", "serve"]`), `sidecars` before the vLLM container."""
+    vllm: dict[str, Any] = {
+        "name": container,
+        "image": "vllm/vllm-openai:v0.10.1",
+        "args": list(args),
+        "envFrom": [{"configMapRef": {"name": "vllm-config"}}],
+        "ports": [{"containerPort": 8000, "name": "http"}],
+        "resources": {"limits": {"nvidia.com/gpu": "1"}},
+    }
+    if command is not None:
+        vllm["command"] = list(command)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -101,34 +147,54 @@ def vllm_deployment(
             "selector": {"matchLabels": {"app": name}},
             "template": {
                 "metadata": {"labels": {"app": name}},
-                "spec": {
-                    "containers": [
-                        {
-                            "name": "vllm",
-                            "image": "vllm/vllm-openai:v0.10.1",
-                            "args": list(args),
-                            "envFrom": [{"configMapRef": {"name": "vllm-config"}}],
-                            "ports": [{"containerPort": 8000, "name": "http"}],
-                            "resources": {"limits": {"nvidia.com/gpu": "1"}},
-                        }
-                    ]
-                },
+                "spec": {"containers": [*copy.deepcopy(list(sidecars)), vllm]},
             },
         },
     }
 
 
-def served_name_in(args: Sequence[str]) -> str | None:
-    """The simulator's own reading of vLLM's args (deliberately not the code under test's)."""
-    for flag in ("--served-model-name", "--model"):
-        for index, token in enumerate(args):
-            if token == flag and index + 1 < len(args):
-                return str(args[index + 1])
-            if token.startswith(flag + "="):
-                return token.split("=", 1)[1]
-    if args and not args[0].startswith("-"):
-        return str(args[0])
-    return None
+def _vllm_argv(command: Sequence[str], args: Sequence[str]) -> list[str]:
+    """What vLLM's own parser gets: the words after `vllm serve`, with `_` read as `-`."""
+    words = [*command, *args]
+    for index, word in enumerate(words[:-1]):
+        if word.rsplit("/", 1)[-1] == "vllm" and words[index + 1] == "serve":
+            words = words[index + 2 :]
+            break
+    else:
+        words = list(args)
+    return [_dashes(word) for word in words]
+
+
+def _dashes(word: str) -> str:
+    """vLLM reads `--max_model_len` as `--max-model-len`."""
+    if not word.startswith("--"):
+        return word
+    name, equals, value = word.partition("=")
+    return name.replace("_", "-") + equals + value
+
+
+def _last_value(argv: Sequence[str], flag: str) -> str | None:
+    found = None
+    for index, token in enumerate(argv):
+        if token == flag and index + 1 < len(argv):
+            found = str(argv[index + 1])
+        elif token.startswith(flag + "="):
+            found = token.split("=", 1)[1]
+    return found
+
+
+def model_name_in(args: Sequence[str], command: Sequence[str] = ()) -> str | None:
+    """The simulator's own reading of vLLM's args (deliberately not the code under test's):
+    the positional model (which vLLM prefers), else `--model`."""
+    argv = _vllm_argv(command, args)
+    if argv and not argv[0].startswith("-"):
+        return str(argv[0])
+    return _last_value(argv, "--model")
+
+
+def served_name_in(args: Sequence[str], command: Sequence[str] = ()) -> str | None:
+    argv = _vllm_argv(command, args)
+    return _last_value(argv, "--served-model-name") or model_name_in(args, command)
 
 
 @dataclass
@@ -136,6 +202,8 @@ class SimPod:
     name: str
     template_hash: str
     served: str | None
+    root: str | None = None
+    uid: str = ""
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     server: SimModelServer | None = None
     ready: bool = False
@@ -154,6 +222,10 @@ class KubeletSim:
         failures: Mapping[str, str] | None = None,
         load_time: float = 0.1,
         step: float = 0.01,
+        wait_time: float = 0.5,
+        linger: float = 0.0,
+        container: str = "vllm",
+        api_key: str | None = None,
     ) -> None:
         self._api = api_url
         self.namespace = namespace
@@ -162,7 +234,16 @@ class KubeletSim:
         self.failures = dict(failures or {})
         self.load_time = load_time
         self.step = step
+        #: How long a node takes to come (SCALE_UP), a volume to bind, a pull retry to work.
+        self.wait_time = wait_time
+        self.linger = linger
+        self.container = container
+        self.api_key = api_key
         self.pod: SimPod | None = None
+        #: Pods deleted but still Terminating (with `linger`).
+        self.terminating: dict[str, SimPod] = {}
+        #: Pods created while another pod was still Terminating.
+        self.overlaps = 0
         #: While set, no pod is created (a node is gone and nothing replaces the pod).
         self.hold = False
         #: Served names of every pod whose server started, in order.
@@ -199,6 +280,8 @@ class KubeletSim:
             finally:
                 with anyio.CancelScope(shield=True):
                     await self._stop_server()
+                    for pod in list(self.terminating.values()):
+                        await self._stop_server(pod)
 
     async def _watch(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         assert self._http is not None
@@ -246,7 +329,12 @@ class KubeletSim:
         wanted = int(deployment["spec"].get("replicas", 1))
         pod = self.pod
         if pod is not None and (pod.template_hash != thash or wanted == 0):
-            await self._delete_pod()  # Recreate: the old pod goes before the new one comes
+            await self._delete_pod()
+            if pod.template_hash != thash:
+                # Recreate: the new template's pod waits until the old pods are gone. (The
+                # same template scaled back up gets its pod at once, as a ReplicaSet does.)
+                while self.terminating:
+                    await anyio.sleep(self.step)
         if wanted >= 1 and self.pod is None and not self.hold:
             await self._create_pod(template, thash)
         await self._write_status()
@@ -270,16 +358,24 @@ class KubeletSim:
             "spec": copy.deepcopy(template.get("spec") or {}),
             "status": {"phase": "Pending"},
         }
+        if self.terminating:
+            self.overlaps += 1
         response = await self._http.post(self._pods_url, json=body)
         response.raise_for_status()
-        container = body["spec"]["containers"][0]
-        served = served_name_in(container.get("args") or []) or await self._env_served(container)
-        pod = SimPod(name=name, template_hash=thash, served=served)
+        containers = body["spec"]["containers"]
+        container = next((c for c in containers if c.get("name") == self.container), None)
+        container = container or containers[0]
+        command = container.get("command") or []
+        args = container.get("args") or []
+        served = served_name_in(args, command) or await self._env(container, "SERVED_MODEL_NAME")
+        root = model_name_in(args, command) or await self._env(container, "MODEL_NAME")
+        uid = str(response.json()["metadata"]["uid"])
+        pod = SimPod(name=name, template_hash=thash, served=served, root=root, uid=uid)
         self.pod = pod
         self._tasks.start_soon(self._lifecycle, pod)
 
-    async def _env_served(self, container: dict[str, Any]) -> str | None:
-        """A ConfigMap-driven container: vLLM reads SERVED_MODEL_NAME from its environment."""
+    async def _env(self, container: dict[str, Any], key: str) -> str | None:
+        """A ConfigMap-driven container: vLLM reads its settings from its environment."""
         assert self._http is not None
         for source in container.get("envFrom") or []:
             name = (source.get("configMapRef") or {}).get("name")
@@ -288,9 +384,9 @@ class KubeletSim:
                     f"{self._api}/api/v1/namespaces/{self.namespace}/configmaps/{name}"
                 )
                 if response.status_code == 200:
-                    served = (response.json().get("data") or {}).get("SERVED_MODEL_NAME")
-                    if served:
-                        return str(served)
+                    value = (response.json().get("data") or {}).get(key)
+                    if value:
+                        return str(value)
         return None
 
     async def _delete_pod(self) -> None:
@@ -298,9 +394,53 @@ class KubeletSim:
         if pod is None:
             return
         pod.scope.cancel()
+        assert self._http is not None and self._tasks is not None
+        if self.linger > 0:
+            # Terminating: the object stays (with a deletionTimestamp), its server too.
+            self.terminating[pod.name] = pod
+            await self._http.patch(
+                f"{self._pods_url}/{pod.name}",
+                json={"metadata": {"deletionTimestamp": now_iso()}},
+                headers={"Content-Type": "application/merge-patch+json"},
+            )
+            self._tasks.start_soon(self._terminate, pod)
+            return
         await self._stop_server(pod)
-        assert self._http is not None
         await self._http.delete(f"{self._pods_url}/{pod.name}")
+
+    async def _terminate(self, pod: SimPod) -> None:
+        assert self._http is not None
+        await anyio.sleep(self.linger)
+        await self._stop_server(pod)
+        await self._http.delete(f"{self._pods_url}/{pod.name}")
+        self.terminating.pop(pod.name, None)
+
+    async def _event(self, pod: SimPod, reason: str, message: str, component: str) -> None:
+        """An Event about the pod, as the scheduler or a cluster autoscaler writes it."""
+        assert self._http is not None
+        now = now_iso()
+        await self._http.post(
+            f"{self._api}/api/v1/namespaces/{self.namespace}/events",
+            json={
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"generateName": f"{pod.name}.", "namespace": self.namespace},
+                "involvedObject": {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": pod.name,
+                    "namespace": self.namespace,
+                    "uid": pod.uid,
+                },
+                "reason": reason,
+                "message": message,
+                "type": "Normal",
+                "source": {"component": component},
+                "firstTimestamp": now,
+                "lastTimestamp": now,
+                "count": 1,
+            },
+        )
 
     async def _stop_server(self, pod: SimPod | None = None) -> None:
         pod = pod or self.pod
@@ -331,9 +471,24 @@ class KubeletSim:
         with pod.scope:
             failure = self.failures.get(pod.served or "")
             await anyio.sleep(self.step)
-            if failure == UNSCHEDULABLE:
+            if self.terminating:  # the old pod still holds the GPU
                 await self._pod_status(pod, _unschedulable())
-                return
+                while self.terminating:
+                    await anyio.sleep(self.step)
+            if failure in (UNSCHEDULABLE, SCALE_UP, NO_SCALE_UP, VOLUME_PENDING):
+                volume = failure == VOLUME_PENDING
+                await self._pod_status(pod, _unschedulable(VOLUME_MESSAGE if volume else None))
+                await anyio.sleep(self.step)
+                if failure == UNSCHEDULABLE:
+                    return
+                autoscaler = "cluster-autoscaler"
+                if failure == SCALE_UP:
+                    await self._event(pod, "TriggeredScaleUp", SCALE_UP_MESSAGE, autoscaler)
+                else:  # the autoscaler cannot help a pod waiting for its volume either
+                    await self._event(pod, "NotTriggerScaleUp", NO_SCALE_UP_MESSAGE, autoscaler)
+                if failure == NO_SCALE_UP:
+                    return
+                await anyio.sleep(self.wait_time)  # the node joins / the volume binds
             await self._pod_status(pod, _waiting(pod, "ContainerCreating", ""))
             await anyio.sleep(self.step)
             if failure == IMAGE_PULL:
@@ -343,8 +498,21 @@ class KubeletSim:
                 message = 'Back-off pulling image "vllm/vllm-openai:nope"'
                 await self._pod_status(pod, _waiting(pod, "ImagePullBackOff", message))
                 return
+            if failure == PULL_BLIP:
+                await self._pod_status(pod, _waiting(pod, "ErrImagePull", PULL_BLIP_MESSAGE))
+                await anyio.sleep(self.step)
+                message = 'Back-off pulling image "vllm/vllm-openai:v0.10.1"'
+                await self._pod_status(pod, _waiting(pod, "ImagePullBackOff", message))
+                await anyio.sleep(self.wait_time)  # the kubelet's retry
+                await self._pod_status(pod, _waiting(pod, "ContainerCreating", ""))
+                await anyio.sleep(self.step)
+            root = "org/something-else" if failure == WRONG_MODEL else pod.root
             pod.server = SimModelServer(
-                pod.served or "unnamed", load_time=self.load_time, port=self.service_port
+                pod.served or "unnamed",
+                load_time=self.load_time,
+                port=self.service_port,
+                root=root,
+                api_key=self.api_key,
             )
             await pod.server.start()
             self.started.append(pod.served or "")
@@ -454,7 +622,7 @@ def _scheduled(*conditions: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _unschedulable() -> dict[str, Any]:
+def _unschedulable(message: str | None = None) -> dict[str, Any]:
     return {
         "phase": "Pending",
         "conditions": [
@@ -462,7 +630,7 @@ def _unschedulable() -> dict[str, Any]:
                 "type": "PodScheduled",
                 "status": "False",
                 "reason": "Unschedulable",
-                "message": UNSCHEDULABLE_MESSAGE,
+                "message": message or UNSCHEDULABLE_MESSAGE,
                 "lastTransitionTime": now_iso(),
             }
         ],
@@ -533,8 +701,14 @@ class Cluster:
         assert obj is not None
         return obj
 
+    def container(self, name: str | None = None) -> dict[str, Any]:
+        """A container of the Deployment's pod template: `name`, else the simulated vLLM."""
+        containers = self.get_deployment()["spec"]["template"]["spec"]["containers"]
+        wanted = name or self.sim.container
+        return dict(next(c for c in containers if c.get("name") == wanted))
+
     def args(self) -> list[str]:
-        return list(self.get_deployment()["spec"]["template"]["spec"]["containers"][0]["args"])
+        return list(self.container().get("args") or [])
 
     def replicas(self) -> int:
         return int(self.get_deployment()["spec"]["replicas"])
@@ -591,18 +765,34 @@ async def simulated_cluster(
     failures: Mapping[str, str] | None = None,
     load_time: float = 0.1,
     step: float = 0.01,
+    wait_time: float = 0.5,
+    linger: float = 0.0,
+    command: Sequence[str] | None = None,
+    container: str = "vllm",
+    sidecars: Sequence[dict[str, Any]] = (),
+    api_key: str | None = None,
 ) -> AsyncIterator[Cluster]:
     """An API server with the vLLM Deployment, its ConfigMap and `models`, plus a kubelet.
 
-    The Deployment starts at `replicas` with `args` (default: a model named "initial" plus
-    `BASE_ARGS`).
+    The Deployment starts at `replicas` with `command` and `args` (default: a model named
+    "initial" plus `BASE_ARGS`) in its container `container`, after `sidecars`. The pods'
+    servers require `api_key` when given.
     """
     async with ApiServer() as server, kmock.Server(server) as http:
         api_url = f"http://127.0.0.1:{http.port}"
         if args is None:
             args = ["--model", "org/initial", "--served-model-name", "initial", *BASE_ARGS]
         server.store(
-            DEPLOYMENTS, vllm_deployment(namespace, deployment, args=args, replicas=replicas)
+            DEPLOYMENTS,
+            vllm_deployment(
+                namespace,
+                deployment,
+                args=args,
+                replicas=replicas,
+                command=command,
+                container=container,
+                sidecars=sidecars,
+            ),
         )
         server.store(
             CONFIGMAPS,
@@ -614,9 +804,9 @@ async def simulated_cluster(
             },
         )
         for manifest in models:
-            seeded = copy.deepcopy(manifest)
-            seeded["metadata"]["namespace"] = namespace
-            server.store(VLLMMODELS, seeded)
+            stored = copy.deepcopy(manifest)
+            stored["metadata"]["namespace"] = namespace
+            server.store(VLLMMODELS, stored)
         port = free_port()
         sim = KubeletSim(
             api_url,
@@ -626,6 +816,10 @@ async def simulated_cluster(
             failures=failures,
             load_time=load_time,
             step=step,
+            wait_time=wait_time,
+            linger=linger,
+            container=container,
+            api_key=api_key,
         )
         configuration = k8s_client.Configuration(host=api_url)
         api_client = k8s_client.ApiClient(configuration)

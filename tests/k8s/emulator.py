@@ -17,7 +17,8 @@ What it emulates:
   replaced whole) — the code under test sends merge patches only;
 - the `status` subresource (writes to the object ignore `status`, writes to `/status` change
   nothing else), for the resources in `STATUS_SUBRESOURCE`;
-- list/watch with `labelSelector`, `fieldSelector=metadata.name=...`, `resourceVersion`
+- list/watch with `labelSelector`, `fieldSelector` (any dotted path: `metadata.name=...`,
+  `involvedObject.name=...`), `resourceVersion`
   (resumption from an event log; 410 Gone once the log was compacted), `timeoutSeconds`,
   bookmarks on timeout;
 - `drop_watches()` ends every open watch stream, `compact()` expires every resourceVersion seen
@@ -123,13 +124,21 @@ def _set_values(text: str) -> set[str]:
     return {v.strip() for v in text.strip().strip("()").split(",") if v.strip()}
 
 
-def field_selector_name(selector: str | None) -> str | None:
+def field_selector_matches(selector: str | None, obj: Obj) -> bool:
+    """`metadata.name=x`, `involvedObject.kind=Pod,involvedObject.name=y`, `reason!=z`: any
+    dotted path of the object, as the API server allows for the fields it indexes."""
     for term in _split_selector(selector or ""):
-        key, _, value = term.replace("==", "=").partition("=")
-        if key.strip() == "metadata.name":
-            return value.strip()
-        raise status_error(400, "BadRequest", f"field selector {term!r} is not supported")
-    return None
+        negate = "!=" in term
+        key, _, value = term.replace("!=", "=").replace("==", "=").partition("=")
+        if not _:
+            raise status_error(400, "BadRequest", f"field selector {term!r} is not supported")
+        current: Any = obj
+        for part in key.strip().split("."):
+            current = current.get(part) if isinstance(current, dict) else None
+        matched = ("" if current is None else str(current)) == value.strip()
+        if matched == negate:
+            return False
+    return True
 
 
 # -- the emulator ------------------------------------------------------------------------------
@@ -404,8 +413,9 @@ class ApiServer(kmock.KubernetesEmulator):
         meta = obj.get("metadata") or {}
         if request.namespace is not None and meta.get("namespace") != request.namespace:
             return False
-        name = request.name or field_selector_name(request.params.get("fieldSelector"))
-        if name is not None and meta.get("name") != name:
+        if request.name is not None and meta.get("name") != request.name:
+            return False
+        if not field_selector_matches(request.params.get("fieldSelector"), obj):
             return False
         return label_selector_matches(request.params.get("labelSelector"), meta.get("labels") or {})
 

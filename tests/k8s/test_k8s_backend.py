@@ -25,9 +25,11 @@ from vllm_chill.k8s.rollout import (
     PHASE_MODELS,
     PHASE_OLD_PODS,
     PHASE_PULLING,
+    PHASE_SCALING_UP,
     PHASE_SCHEDULING,
     PHASE_STARTING,
     PHASE_UPDATING,
+    PHASE_VOLUME,
     POD_MODEL_HASH,
     SWITCHED_BY,
 )
@@ -37,11 +39,16 @@ from .cluster import (
     BASE_ARGS,
     CRASH_LOOP,
     IMAGE_PULL,
+    NO_SCALE_UP,
     OOM_KILLED,
     PROGRESS_DEADLINE,
+    PULL_BLIP,
     READY_EARLY,
+    SCALE_UP,
     UNSCHEDULABLE,
     VLLMMODELS,
+    VOLUME_PENDING,
+    WRONG_MODEL,
     Cluster,
     model_manifest,
     simulated_cluster,
@@ -249,8 +256,8 @@ async def test_a_cancelled_load_stops_promptly_and_unload_cleans_up() -> None:
     ("failure", "reason"),
     [
         (CRASH_LOOP, "CrashLoopBackOff"),
-        (IMAGE_PULL, "ImagePull"),
-        (UNSCHEDULABLE, "Insufficient nvidia.com/gpu"),
+        (IMAGE_PULL, "ImagePull"),  # "not found": no retry of the kubelet can fix it
+        (NO_SCALE_UP, "the cluster autoscaler will not add a node"),
         (OOM_KILLED, "OOMKilled"),
         (PROGRESS_DEADLINE, "ProgressDeadlineExceeded"),
     ],
@@ -277,6 +284,143 @@ async def test_a_failing_pod_fails_the_load_in_seconds_with_its_reason_then_scal
         assert event["type"] == "Warning"
         assert event["involvedObject"]["kind"] == "Deployment"
         assert reason in event["message"]
+
+
+async def test_an_unschedulable_pod_without_an_autoscaler_fails_after_the_grace_period() -> None:
+    async with (
+        simulated_cluster(models=[BROKEN], failures={"broken": UNSCHEDULABLE}) as cluster,
+        started(cluster, unschedulable_grace=0.5) as backend,
+    ):
+        begun = time.monotonic()
+        with pytest.raises(LoadError) as caught:
+            await load(backend, MODEL_BROKEN)
+        assert 0.5 <= time.monotonic() - begun < FAST
+        reason = caught.value.reason
+        assert "Insufficient nvidia.com/gpu" in reason and "after 0.5s" in reason
+        assert "no cluster autoscaler announced a node" in reason
+        assert cluster.replicas() == 0
+
+
+async def test_an_unschedulable_pod_waits_for_the_node_a_cluster_autoscaler_adds() -> None:
+    slow = model_manifest("gpu-pool-at-zero")
+    async with (
+        simulated_cluster(
+            models=[slow], failures={slow["metadata"]["name"]: SCALE_UP}, wait_time=0.8
+        ) as cluster,
+        started(cluster, unschedulable_grace=0.2) as backend,
+    ):
+        phases: list[str] = []
+        begun = time.monotonic()
+        loaded = await load(backend, VLLMModel.from_manifest(slow), phases)
+        assert time.monotonic() - begun >= 0.8  # well past the grace period: a node was coming
+        assert PHASE_SCALING_UP in phases
+        assert await answering_model(loaded) == "gpu-pool-at-zero"
+
+
+async def test_without_permission_to_read_events_the_grace_period_decides() -> None:
+    slow = model_manifest("gpu-pool-at-zero")
+    async with simulated_cluster(
+        models=[slow], failures={"gpu-pool-at-zero": SCALE_UP}, wait_time=5.0
+    ) as cluster:
+        cluster.server.fail_next("GET", EVENTS, 403, times=1000)
+        async with started(cluster, unschedulable_grace=0.5) as backend:
+            with pytest.raises(LoadError) as caught:
+                await load(backend, VLLMModel.from_manifest(slow))
+        assert "allow list and watch on events" in caught.value.reason
+
+
+async def test_a_pod_waiting_for_its_volume_to_bind_is_not_failed() -> None:
+    model = model_manifest("on-a-new-volume")
+    async with (
+        simulated_cluster(models=[model], failures={"on-a-new-volume": VOLUME_PENDING}) as cluster,
+        started(cluster, unschedulable_grace=5.0) as backend,
+    ):
+        phases: list[str] = []
+        loaded = await load(backend, VLLMModel.from_manifest(model), phases)
+        # the autoscaler's NotTriggerScaleUp is no verdict on a pod that waits for a volume
+        assert PHASE_VOLUME in phases
+        assert await answering_model(loaded) == "on-a-new-volume"
+
+
+async def test_an_image_pull_that_fails_once_gets_the_kubelets_retry() -> None:
+    model = model_manifest("registry-blip")
+    async with (
+        simulated_cluster(models=[model], failures={"registry-blip": PULL_BLIP}) as cluster,
+        started(cluster) as backend,
+    ):
+        loaded = await load(backend, VLLMModel.from_manifest(model))
+        assert await answering_model(loaded) == "registry-blip"
+
+
+async def test_the_next_load_waits_until_the_unloaded_pod_has_terminated() -> None:
+    async with (
+        simulated_cluster(models=[A, B], linger=0.5) as cluster,
+        started(cluster) as backend,
+    ):
+        await load(backend, MODEL_A)
+        await backend.unload()
+        await cluster.wait_for(lambda: bool(cluster.sim.terminating))  # holding its GPU
+        phases: list[str] = []
+        loaded = await load(backend, MODEL_A, phases)
+        assert await answering_model(loaded) == "model-a"
+        assert PHASE_OLD_PODS in phases
+        assert cluster.sim.overlaps == 0  # no pod was created beside the terminating one
+        await backend.unload()
+        loaded = await load(backend, MODEL_B)
+        assert await answering_model(loaded) == "model-b"
+        assert cluster.sim.overlaps == 0
+
+
+async def test_a_failed_models_status_stays_failed_until_it_is_loaded_again() -> None:
+    async with simulated_cluster(models=[A, BROKEN], failures={"broken": CRASH_LOOP}) as cluster:
+        async with started(cluster) as backend:
+            with pytest.raises(LoadError):
+                await load(backend, MODEL_BROKEN)
+            await backend.unload()  # what the scheduler does after a failed load
+            await load(backend, MODEL_A)  # and the next model replaces it
+        # stop() flushed every status write
+        status = cluster.model_status("broken")
+        assert status["phase"] == "Failed" and "CrashLoopBackOff" in status["message"]
+        assert cluster.model_status("model-a")["phase"] == "Ready"
+        async with started(cluster) as backend:
+            with pytest.raises(LoadError):
+                await load(backend, MODEL_BROKEN)  # loaded again: Loading, then Failed again
+        written = [
+            json.loads(r.body)["status"]["phase"]
+            for r in cluster.server.requests_to("PATCH", VLLMMODELS, subresource="status")
+            if r.name == "broken"
+        ]
+        assert written[-1] == "Failed" and written.count("Failed") == 2
+        assert "Unloaded" not in written
+
+
+async def test_an_upstream_that_wants_another_api_key_fails_the_load_at_once() -> None:
+    async with simulated_cluster(models=[A], api_key="the-key") as cluster:
+        async with started(cluster) as backend:
+            begun = time.monotonic()
+            with pytest.raises(LoadError) as caught:
+                await load(backend, MODEL_A)
+            assert time.monotonic() - begun < FAST
+            assert "401" in caught.value.reason and "--upstream-api-key" in caught.value.reason
+            assert cluster.replicas() == 0
+        async with started(cluster, upstream_api_key="wrong") as backend:
+            with pytest.raises(LoadError, match="refused the key"):
+                await load(backend, MODEL_A)
+        async with started(cluster, upstream_api_key="the-key") as backend:
+            loaded = await load(backend, MODEL_A)
+            assert loaded.served_model_name == "model-a"
+
+
+async def test_a_pod_that_loaded_another_model_under_the_served_name_fails_the_load() -> None:
+    model = model_manifest("impostor")
+    async with (
+        simulated_cluster(models=[model], failures={"impostor": WRONG_MODEL}) as cluster,
+        started(cluster, root_mismatch_timeout=0.5) as backend,
+    ):
+        with pytest.raises(LoadError) as caught:
+            await load(backend, VLLMModel.from_manifest(model))
+        assert "'org/something-else'" in caught.value.reason
+        assert "'org/impostor'" in caught.value.reason
 
 
 async def test_after_a_failure_another_model_loads() -> None:
@@ -606,6 +750,75 @@ async def test_a_missing_configmap_fails_the_load_with_its_name() -> None:
     ):
         with pytest.raises(LoadError, match="ConfigMap ai-apps/nope not found"):
             await load(backend, MODEL_A)
+
+
+# -- real Deployments ---------------------------------------------------------------------------
+
+
+STRAY = [
+    "-tp", "2", "--max_model_len=2048", "--no-enable-prefix-caching",
+    "--device-memory-utilization", "0.5", "--no_enable_chunked_prefill",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("command", "head"),
+    [(["vllm"], ["serve"]), (["vllm", "serve"], [])],
+)
+async def test_a_vllm_serve_deployment_keeps_serve_and_gets_the_model_positionally(
+    command: list[str], head: list[str]
+) -> None:
+    args = [*head, "org/initial", "--served-model-name", "initial", *STRAY, *BASE_ARGS]
+    async with (
+        simulated_cluster(models=[A], command=command, args=args) as cluster,
+        started(cluster) as backend,
+    ):
+        loaded = await load(backend, MODEL_A)
+        # the pod runs model-a from org/model-a (its /v1/models root): no stray old model
+        assert await answering_model(loaded) == "model-a"
+        rendered = [MODEL_A.model_name, *MODEL_A.vllm_args(include_model=False)]
+        assert cluster.args() == [*head, *rendered, *BASE_ARGS]
+        assert cluster.container()["command"] == command
+
+
+async def test_the_vllm_container_is_found_beside_a_sidecar() -> None:
+    sidecar = {
+        "name": "metrics",
+        "image": "prom/statsd-exporter:v0.26.0",
+        "args": ["--web.listen-address=:9102"],
+    }
+    async with (
+        simulated_cluster(models=[A], container="server", sidecars=[sidecar]) as cluster,
+        started(cluster) as backend,
+    ):
+        loaded = await load(backend, MODEL_A)
+        assert await answering_model(loaded) == "model-a"
+        assert cluster.container("metrics") == sidecar
+        assert cluster.args() == [*MODEL_A.vllm_args(), *BASE_ARGS]
+
+
+async def test_a_pod_whose_vllm_container_cannot_be_told_is_refused_at_start() -> None:
+    sidecar = {"name": "metrics", "image": "prom/statsd-exporter:v0.26.0"}
+    async with simulated_cluster(models=[A], container="server", sidecars=[sidecar]) as cluster:
+        cluster.patch_deployment(
+            {
+                "spec": {
+                    "template": {
+                        "spec": {
+                            "containers": [
+                                sidecar,
+                                {"name": "server", "image": "registry.example/llm:1"},
+                            ]
+                        }
+                    }
+                }
+            }
+        )
+        backend = make_backend(cluster)
+        with pytest.raises(RuntimeError, match="--container"):
+            await backend.start(Lost())
+        async with started(cluster, container="server"):
+            pass  # named: fine
 
 
 # -- without --enable-model-switch -------------------------------------------------------------

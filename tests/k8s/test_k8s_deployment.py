@@ -57,6 +57,37 @@ def test_the_vllm_container_is_found_by_name_or_by_convention() -> None:
         pick_container(deployment(sidecar, vllm), "nope")
 
 
+@pytest.mark.parametrize(
+    "server",
+    [
+        {"name": "server", "image": "vllm/vllm-openai:v0.10.1"},
+        {"name": "server", "image": "registry.example/vllm:1", "args": ["--port", "8000"]},
+        {"name": "server", "command": ["vllm"], "args": ["serve", "org/m"]},
+        {"name": "server", "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"]},
+        {"name": "server", "image": "registry.example/llm:1", "args": ["--model", "org/m"]},
+    ],
+)
+def test_the_container_that_runs_vllm_is_picked_not_the_first(server: dict[str, Any]) -> None:
+    sidecars = [
+        {"name": "exporter", "image": "prom/statsd-exporter:v0.26.0", "args": ["--port=9102"]},
+        {"name": "chill", "image": "ghcr.io/example/vllm-chill:0.2.0", "args": ["serve"]},
+    ]
+    assert pick_container(deployment(*sidecars, server), None) is server
+
+
+def test_a_pod_whose_vllm_container_cannot_be_told_is_refused() -> None:
+    one = {"name": "a", "image": "registry.example/llm:1"}
+    two = {"name": "b", "image": "registry.example/other:1"}
+    with pytest.raises(ArgsError, match="none of them looks like the vLLM server"):
+        pick_container(deployment(one, two), None)
+    both = [{**one, "image": "vllm/vllm-openai:v1"}, {**two, "image": "vllm/vllm-openai:v1"}]
+    with pytest.raises(ArgsError, match="several of them"):
+        pick_container(deployment(*both), None)
+    # among several vLLM containers, the conventional name decides
+    named = {**two, "name": "vllm", "image": "vllm/vllm-openai:v1"}
+    assert pick_container(deployment(both[0], named), None) is named
+
+
 def test_a_shell_script_cannot_be_rewritten_except_through_a_configmap() -> None:
     script = {"name": "vllm", "command": ["sh", "-c"], "args": ["vllm serve $MODEL_NAME"]}
     with pytest.raises(ArgsError, match="shell script"):

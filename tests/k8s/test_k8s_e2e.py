@@ -1,4 +1,4 @@
-"""The seed's flow through the proxy, against the API emulator and the simulated kubelet:
+"""The quick start's flow through the proxy, against the API emulator and the simulated kubelet:
 the official `openai` client asks for models by name; the args land in the Deployment; the
 model named answers; a crash-looping model fails in seconds with its reason; idling scales to
 zero."""
@@ -73,7 +73,7 @@ async def test_switch_a_b_a_lands_args_and_answers_from_the_model_named() -> Non
             await client.close()
 
 
-async def test_seed_503_then_answer_with_max_wait_zero() -> None:
+async def test_a_first_request_gets_503_then_the_answer_with_max_wait_zero() -> None:
     async with proxy_on_cluster() as (_, url), httpx.AsyncClient(base_url=url) as http:
         r = await http.post("/v1/chat/completions", json=chat("deepseek-r1-fp8"))
         assert r.status_code == 503

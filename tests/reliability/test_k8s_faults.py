@@ -3,10 +3,12 @@
 (kmock's API emulator and a simulated kubelet whose pods are simulated vLLMs).
 
 A pod deleted under a ready model, the API answering 500/409/503/403, watches dropped and
-expired (410), the proxy restarting during a load. After each: no request hangs, `/proxy/status`
-and `/v1/models` tell the truth, no task is left. Every API call the proxy made is then checked
-against the example's Role: the RBAC of `examples/kubernetes-with-model-switching.yaml` is not
-only small (`test_security.py`) but enough.
+expired (410), the proxy restarting during a load, a GPU pool scaled to zero that a cluster
+autoscaler scales up, a failed load whose reason must stay in the model's status. After each:
+no request hangs, `/proxy/status` and `/v1/models` tell the truth, no task is left. Every API
+call the proxy made is then checked against the example's Role: the RBAC of
+`examples/kubernetes-with-model-switching.yaml` is not only small (`test_security.py`) but
+enough.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import anyio
 import pytest
 import yaml
 
-from tests.k8s.cluster import Cluster, model_manifest, simulated_cluster
+from tests.k8s.cluster import CRASH_LOOP, SCALE_UP, Cluster, model_manifest, simulated_cluster
 from tests.k8s.emulator import DEPLOYMENTS
 from vllm_chill.k8s import CRDRegistry, K8sDeploymentBackend
 
@@ -31,15 +33,24 @@ pytestmark = pytest.mark.anyio
 
 A = model_manifest("model-a")
 B = model_manifest("model-b")
+BROKEN = model_manifest("broken")
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "kubernetes-with-model-switching.yaml"
 
 #: Every API request any test of this module made, for the RBAC check at the end.
 API_CALLS: list[tuple[str, str, str, str, bool]] = []
+#: Calls the proxy makes when the Role allows them and does without otherwise: the Events of
+#: a pod waiting for a node say whether a cluster autoscaler adds one; without them, a grace
+#: period decides (tests/k8s/test_k8s_backend.py).
+OPTIONAL_CALLS = frozenset({("", "events", "list"), ("", "events", "watch")})
 
 
 @asynccontextmanager
 async def proxy_on(
-    cluster: Cluster, *, configmap: bool = False, **options: Any
+    cluster: Cluster,
+    *,
+    configmap: bool = False,
+    backend_options: dict[str, Any] | None = None,
+    **options: Any,
 ) -> AsyncIterator[Stack]:
     backend = K8sDeploymentBackend(
         cluster.api_client,
@@ -48,6 +59,7 @@ async def proxy_on(
         configmap=cluster.configmap if configmap else None,
         upstream=cluster.upstream,
         confirm_timeout=1.0,
+        **(backend_options or {}),
     )
     registry = CRDRegistry(cluster.api_client, cluster.namespace)
     async with proxy_stack(registry=registry, backend=backend, **options) as stack:
@@ -217,6 +229,41 @@ async def test_the_proxy_restarting_during_a_load_lets_its_client_go_and_the_nex
     await assert_no_leak(start, timeout=10)
 
 
+# --- Kubernetes as it really behaves -----------------------------------------------------------
+
+
+async def test_a_gpu_pool_scaled_to_zero_serves_the_first_request_once_its_node_is_up() -> None:
+    """The pod is Unschedulable until the cluster autoscaler's node joins (TriggeredScaleUp):
+    the load waits for it, well past the grace period for pods nobody scales up for."""
+    start = Snapshot.take()
+    async with (
+        cluster_with(A, failures={"model-a": SCALE_UP}, wait_time=1.0) as cluster,
+        proxy_on(cluster, max_wait=20, backend_options={"unschedulable_grace": 0.3}) as stack,
+    ):
+        reply = await ask(stack, "model-a")
+        assert reply.status == 200 and reply.json()["model"] == "model-a"
+        assert (await stack.status())["last_switch"]["result"] == "success"
+    await assert_no_leak(start, timeout=10)
+
+
+async def test_a_failed_loads_reason_stays_in_the_models_status_after_the_cleanup() -> None:
+    """`kubectl get vllm` must still say why a model failed after the proxy scaled to zero
+    and moved on to another model."""
+    start = Snapshot.take()
+    async with cluster_with(A, BROKEN, failures={"broken": CRASH_LOOP}) as cluster:
+        async with proxy_on(cluster, max_wait=15) as stack:
+            reply = await ask(stack, "broken")
+            assert reply.status == 503 and openai_error(reply)["code"] == "model_switch_failed"
+            await stack.wait_status(lambda st: st["phase"] == "idle")
+            assert (await ask(stack, "model-a")).status == 200
+        # the proxy stopped: every status write it queued has been made
+        status = cluster.model_status("broken")
+        assert status["phase"] == "Failed", status
+        assert "CrashLoopBackOff" in status["message"]
+        assert cluster.model_status("model-a")["phase"] == "Ready"
+    await assert_no_leak(start, timeout=10)
+
+
 # --- the RBAC of the example is enough for all of the above -----------------------------------
 
 
@@ -248,7 +295,11 @@ def test_the_example_role_allows_exactly_the_api_calls_made_above() -> None:
     # The test cluster's own Deployment is called "vllm" like the example's; its namespace
     # differs in nothing the Role names.
     refused = sorted(
-        {call for call in API_CALLS if not _allowed(rules, *call[:4])},
+        {
+            call
+            for call in API_CALLS
+            if not _allowed(rules, *call[:4]) and call[:3] not in OPTIONAL_CALLS
+        },
     )
     assert refused == [], json.dumps(refused, indent=1)
     used = {(group, resource, verb) for group, resource, verb, _, _ in API_CALLS}

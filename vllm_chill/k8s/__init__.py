@@ -1,4 +1,4 @@
-"""Kubernetes: `VLLMModel` custom resources and the vLLM Deployment backend (SPEC §4, §5).
+"""Kubernetes: `VLLMModel` custom resources and the vLLM Deployment backend.
 
 Importing this package imports the `kubernetes` client but does nothing else (no network,
 no threads); everything starts in the objects' `start()`.

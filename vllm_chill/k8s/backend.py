@@ -1,10 +1,17 @@
-"""`K8sDeploymentBackend` (SPEC §5): switch models by rewriting a vLLM Deployment.
+"""`K8sDeploymentBackend`: switch models by rewriting a vLLM Deployment.
 
 A load rewrites the vLLM container's args (and, with a ConfigMap, the ConfigMap), scales to
 one replica, and waits until the rollout is complete as `kubectl rollout status` means it
-*and* the upstream's `/v1/models` lists the served name. It learns about the rollout from
-watches of the Deployment and its pods; it fails as soon as a pod reports why it cannot run,
-then scales to zero.
+*and* the upstream's `/v1/models` lists the served name with the model's `modelName` as its
+`root`. It learns about the rollout from watches of the Deployment and its pods; it fails as
+soon as a pod reports why it cannot run, then scales to zero. Waits that may still end well
+(an unschedulable pod while a cluster autoscaler adds a node, a volume binding, the kubelet
+retrying an image pull) are judged over time (`pending.py`), following the waiting pod's
+Events. An upstream that answers 401/403 fails the load at once: the upstream key is wrong.
+
+After `unload()` the pod may stay Terminating for a while, holding its GPUs: the next load
+waits until no pod of the Deployment is left before it scales up again. A failed load leaves
+the model's `Failed` status (and its reason) in place until that model is loaded again.
 
 Several proxy replicas may share the Deployment. Every write is a merge patch carrying the
 resourceVersion it was computed from, so a concurrent write makes it fail with 409 and it is
@@ -39,8 +46,9 @@ from kubernetes import client as k8s_client
 
 from ..backends.base import LoadedModel, LoadError, LostCallback, ProgressCallback
 from ..model import ModelValidationError, VLLMModel
+from ..options import DEFAULT_IMAGE_PULL_GRACE, DEFAULT_UNSCHEDULABLE_GRACE
 from .api import CONFLICT, MERGE_PATCH, NOT_FOUND, ApiError, Backoff, Obj, call
-from .args import ArgsError, model_hash, spec_from_args
+from .args import ArgsError, model_hash, model_name_from_args, spec_from_args
 from .deployment import (
     OtherSwitch,
     active_model_name,
@@ -52,17 +60,20 @@ from .deployment import (
     template_hash,
     template_patch,
 )
+from .pending import PendingPods
 from .reporting import EventType, Reporter, object_reference
 from .rollout import (
     PHASE_MODELS,
+    PHASE_OLD_PODS,
     PHASE_UPDATING,
     READY_HASH,
+    current_pods,
     evaluate,
     label_selector,
     object_annotations,
     replicas,
 )
-from .watch import Informer, Notifier
+from .watch import Informer, Notifier, PodEvents
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +85,12 @@ CONFIRM_TIMEOUT_S = 15.0
 #: Bounds on the retries of one write when the API answers 409 or 5xx.
 _WRITE_ATTEMPTS = 8
 _START_READ_TIMEOUT_S = 30.0
+#: How long a load waits for the previous pods to go (Terminating) before it scales up anyway.
+OLD_POD_TIMEOUT_S = 120.0
+#: How long `/v1/models` may list the served name for another model (`root`) before the load
+#: fails: long enough for a Service to stop routing to a pod that just went away.
+ROOT_MISMATCH_TIMEOUT_S = 10.0
+_TERMINAL_POD_PHASES = frozenset({"Succeeded", "Failed"})
 
 
 class K8sDeploymentBackend:
@@ -100,6 +117,10 @@ class K8sDeploymentBackend:
         watch_timeout: float = 300.0,
         claim_timeout: float = CLAIM_TIMEOUT_S,
         confirm_timeout: float = CONFIRM_TIMEOUT_S,
+        unschedulable_grace: float = DEFAULT_UNSCHEDULABLE_GRACE,
+        image_pull_grace: float = DEFAULT_IMAGE_PULL_GRACE,
+        old_pod_timeout: float = OLD_POD_TIMEOUT_S,
+        root_mismatch_timeout: float = ROOT_MISMATCH_TIMEOUT_S,
     ) -> None:
         self._apps = k8s_client.AppsV1Api(api_client)
         self._core = k8s_client.CoreV1Api(api_client)
@@ -126,6 +147,19 @@ class K8sDeploymentBackend:
             watch_timeout=watch_timeout,
         )
         self._pods: Informer | None = None
+        self._pod_events = PodEvents(
+            self._core.list_namespaced_event,
+            namespace,
+            notifier=self._notifier,
+            watch_timeout=watch_timeout,
+        )
+        self._pending = PendingPods(
+            unschedulable_grace=unschedulable_grace, image_pull_grace=image_pull_grace
+        )
+        self._old_pod_timeout = old_pod_timeout
+        self._root_mismatch_timeout = root_mismatch_timeout
+        #: Models whose last load failed here: their `Failed` status stays until they load.
+        self._failed: set[str] = set()
         self._reporter = Reporter(api_client, namespace, instance=self._instance)
         self._http: httpx.AsyncClient | None = None
         self._stack: AsyncExitStack | None = None
@@ -157,6 +191,10 @@ class K8sDeploymentBackend:
         if self._stack is not None:
             raise RuntimeError("K8sDeploymentBackend is already started")
         deployment = await self._read_at_start()
+        try:
+            pick_container(deployment, self._container)
+        except ArgsError as exc:
+            raise RuntimeError(f"Deployment {self._namespace}/{self._name}: {exc}") from None
         self._on_lost = on_lost
         self._pods = Informer(
             f"pods of Deployment {self._namespace}/{self._name}",
@@ -173,6 +211,7 @@ class K8sDeploymentBackend:
             await task_group.start(self._reporter.run)
             await task_group.start(self._deployments.run)
             await task_group.start(self._pods.run)
+            await task_group.start(self._pod_events.run)
             self._stack = stack.pop_all()
         return await self._adopt(self._deployments.get(self._name) or deployment)
 
@@ -189,11 +228,14 @@ class K8sDeploymentBackend:
         self._loaded = None  # what we replace is not "lost"
         self._loaded_hash = None
         self._loading = True
+        self._failed.discard(model.name)
+        self._pending.reset()
         started = time.monotonic()
         try:
             loaded = await self._load(model, progress)
         finally:
             self._loading = False
+            self._pod_events.follow(None)
         self._loaded = loaded
         elapsed = time.monotonic() - started
         logger.info("model %s is ready (%.1fs)", model.served_model_name, elapsed)
@@ -207,10 +249,14 @@ class K8sDeploymentBackend:
         self._require_started()
         self._loaded = None
         self._loaded_hash = None
-        deployment = await self._scale_to_zero(only_if_hash=None, strict=True, yield_to_others=True)
-        if deployment is not None:
+        deployment, scaled = await self._scale_to_zero(
+            only_if_hash=None, strict=True, yield_to_others=True
+        )
+        if deployment is not None and scaled:
+            # Already at zero (a failed load scaled it down): nothing changed, and the
+            # model's `Failed` status must stay as it is.
             name = active_model_name(deployment)
-            if name:
+            if name and name not in self._failed:
                 self._reporter.model_status(name, "Unloaded", "scaled to zero")
             self._event("ScaledToZero", "scaled the vLLM Deployment to zero")
 
@@ -240,6 +286,7 @@ class K8sDeploymentBackend:
         attempts = 0
         stale: set[str] = set()
         followed: str | None = None
+        waited_for_old_pods = False
         while True:
             try:
                 deployment = await self._read()
@@ -260,6 +307,10 @@ class K8sDeploymentBackend:
                     await self._follow()
                     attempts = 0
                     continue
+                if replicas(deployment) == 0 and not waited_for_old_pods:
+                    waited_for_old_pods = True
+                    if await self._wait_old_pods_gone(progress):
+                        continue  # read again: the Deployment may have changed meanwhile
                 stale = {_uid(p) for p in self._pod_objects()}
                 expected = await self._switch(deployment, model)
                 break
@@ -280,6 +331,36 @@ class K8sDeploymentBackend:
                 if exc.status != CONFLICT:
                     await anyio.sleep(backoff.next())
         return await self._wait_ready(model, expected, stale, progress)
+
+    def _live_pods(self) -> list[Obj]:
+        return [
+            p
+            for p in self._pod_objects()
+            if (p.get("status") or {}).get("phase") not in _TERMINAL_POD_PHASES
+        ]
+
+    async def _wait_old_pods_gone(self, progress: ProgressCallback) -> bool:
+        """Before scaling up from zero: wait (bounded) until the previous pods are gone, so a
+        Terminating pod's GPUs are free for the next one. True if there was anything to wait
+        for."""
+        if not self._live_pods():
+            return False
+        names = ", ".join(sorted(_name(p) for p in self._live_pods()))
+        logger.info("waiting for the previous pod(s) %s to stop before scaling up", names)
+        progress(PHASE_OLD_PODS)
+        with anyio.move_on_after(self._old_pod_timeout):
+            while self._live_pods():
+                waiter = self._notifier.waiter()
+                if not self._live_pods():
+                    break
+                await waiter.wait()
+            return True
+        logger.warning(
+            "the previous pod(s) %s still exist after %.0fs; scaling up anyway",
+            names,
+            self._old_pod_timeout,
+        )
+        return True
 
     def _joinable(self, deployment: Obj, model: VLLMModel) -> bool:
         if replicas(deployment) < 1:
@@ -362,7 +443,12 @@ class K8sDeploymentBackend:
             model.served_model_name,
             previous or "nothing",
         )
-        if previous and previous != model.name:
+        if (
+            previous
+            and previous != model.name
+            and previous not in self._failed
+            and replicas(deployment) >= 1  # at zero, it was already Unloaded (or Failed)
+        ):
             self._reporter.model_status(previous, "Unloaded", f"replaced by {model.name}")
         self._event("SwitchingModel", f"switching to {model.served_model_name}")
         return wanted
@@ -434,6 +520,7 @@ class K8sDeploymentBackend:
     ) -> LoadedModel:
         last_phase = PHASE_UPDATING
         models_backoff = Backoff(0.1, 2.0)
+        mismatch_since: float | None = None
         while True:
             waiter = self._notifier.waiter()
             deployment = self._deployments.get(self._name)
@@ -460,15 +547,39 @@ class K8sDeploymentBackend:
             rollout = evaluate(deployment, pods)
             if rollout.failure is not None:
                 await self._fail(model, rollout.failure, expected)
-            delay: float | None = None
-            phase = rollout.phase
+            verdict = self._pending.judge(
+                current_pods(deployment, pods),
+                self._pod_events.events(),
+                events_readable=self._pod_events.readable,
+            )
+            self._pod_events.follow(verdict.follow)
+            if verdict.failure is not None:
+                await self._fail(model, verdict.failure, expected)
+            delay = verdict.recheck_in
+            phase = verdict.phase or rollout.phase
             if rollout.complete:
                 phase = PHASE_MODELS
-                if await self._serves(model.served_model_name):
+                try:
+                    listed, root = await self._listing(model.served_model_name)
+                except _Refused as exc:
+                    await self._fail(model, self._refused(exc.status), expected)
+                if listed and (root is None or same_model(root, model.model_name)):
                     self._loaded_hash = expected
                     if object_annotations(deployment).get(READY_HASH) != expected:
                         await self._confirm(expected)
                     return LoadedModel(model.served_model_name, self._upstream)
+                if listed:
+                    # Another model under our served name: an old pod the Service still
+                    # routes to for a moment, or a pod that loaded something else.
+                    now = time.monotonic()
+                    mismatch_since = now if mismatch_since is None else mismatch_since
+                    if now - mismatch_since >= self._root_mismatch_timeout:
+                        await self._fail(
+                            model,
+                            f"the upstream serves {model.served_model_name!r} from {root!r}, "
+                            f"not from {model.model_name!r}: the vLLM pod loaded another model",
+                            expected,
+                        )
                 delay = models_backoff.next()
             if phase != last_phase:
                 last_phase = phase
@@ -499,60 +610,84 @@ class K8sDeploymentBackend:
             model.served_model_name,
             reason,
         )
+        self._failed.add(model.name)
+        self._pod_events.follow(None)
         self._reporter.model_status(model.name, "Failed", reason)
         self._event("ModelLoadFailed", f"{model.served_model_name}: {reason}", type_="Warning")
         with anyio.CancelScope(shield=True), anyio.move_on_after(15.0):
             await self._scale_to_zero(only_if_hash=expected, strict=False)
         raise LoadError(reason)
 
-    async def _serves(self, served: str) -> bool:
-        """Whether the upstream's `/v1/models` lists `served` (any error: not yet)."""
+    async def _listing(self, served: str) -> tuple[bool, str | None]:
+        """Whether the upstream's `/v1/models` lists `served`, and the `root` (the model it
+        loaded) it gives for it. Any error: not listed yet. 401/403 raise `_Refused`: waiting
+        cannot fix a wrong key."""
         assert self._http is not None
         headers = {}
         if self._upstream_api_key:
             headers["Authorization"] = f"Bearer {self._upstream_api_key}"
         try:
             response = await self._http.get(f"{self._upstream}/v1/models", headers=headers)
+            if response.status_code in (401, 403):
+                raise _Refused(response.status_code)
             if response.status_code != 200:
-                return False
+                return False, None
             body = response.json()
         except (httpx.HTTPError, ValueError) as exc:
             logger.debug("GET %s/v1/models: %s", self._upstream, type(exc).__name__)
-            return False
+            return False, None
         data = body.get("data") if isinstance(body, dict) else None
-        ids = {item.get("id") for item in data or [] if isinstance(item, dict)}
-        return served in ids
+        for item in data if isinstance(data, list) else []:
+            if isinstance(item, dict) and item.get("id") == served:
+                root = item.get("root")
+                return True, root if isinstance(root, str) and root else None
+        return False, None
+
+    def _refused(self, status: int) -> str:
+        if self._upstream_api_key:
+            problem = (
+                "it refused the key vllm-chill sends (--upstream-api-key), which is not the "
+                "key vLLM was started with (its --api-key)"
+            )
+        else:
+            problem = (
+                "vLLM requires an API key (its --api-key) and vllm-chill sends none: give "
+                "vllm-chill the same key (--upstream-api-key)"
+            )
+        return f"the upstream answered {status} to GET /v1/models: {problem}"
 
     # -- unloading ---------------------------------------------------------------------------
 
     async def _scale_to_zero(
         self, *, only_if_hash: str | None, strict: bool, yield_to_others: bool = False
-    ) -> Obj | None:
+    ) -> tuple[Obj | None, bool]:
         """replicas: 0, conditional on the version read; with `only_if_hash`, only while the
         Deployment still runs that template (another writer's model is left alone); with
-        `yield_to_others`, not while another replica's switch is in progress."""
+        `yield_to_others`, not while another replica's switch is in progress. Returns the
+        Deployment (None: left alone) and whether this call scaled it down."""
         backoff = Backoff(0.2, 2.0)
         error: ApiError | None = None
         for _ in range(_WRITE_ATTEMPTS):
             try:
                 deployment = await self._read()
                 if replicas(deployment) == 0:
-                    return deployment
+                    return deployment, False
                 if only_if_hash is not None and template_hash(deployment) != only_if_hash:
-                    return None
+                    return None, False
                 if yield_to_others:
                     other = self._switch_in_progress(deployment)
                     if other is not None:
                         logger.info("not scaling to zero: %s is switching", other.what)
-                        return None
+                        return None, False
                 rv = deployment["metadata"]["resourceVersion"]
-                return await self._patch_deployment(
+                scaled = await self._patch_deployment(
                     {"metadata": {"resourceVersion": rv}, "spec": {"replicas": 0}}
                 )
+                return scaled, True
             except ApiError as exc:
                 error = exc
                 if exc.status == NOT_FOUND:
-                    return None
+                    return None, False
                 if exc.status != CONFLICT and not exc.transient:
                     break
                 if exc.status != CONFLICT:
@@ -560,7 +695,7 @@ class K8sDeploymentBackend:
         logger.warning("could not scale the Deployment to zero: %s", error)
         if strict:
             raise LoadError(f"could not scale the Deployment to zero: {error}")
-        return None
+        return None, False
 
     # -- watching what is loaded --------------------------------------------------------------
 
@@ -576,8 +711,29 @@ class K8sDeploymentBackend:
                 served,
             )
             return None
-        if not await self._serves(served):
+        try:
+            listed, root = await self._listing(served)
+        except _Refused as exc:
+            logger.warning("not adopting %s: %s", served, self._refused(exc.status))
+            return None
+        if not listed:
             logger.info("the Deployment runs %s but /v1/models does not list it yet", served)
+            return None
+        try:
+            container = pick_container(deployment, self._container)
+        except ArgsError:
+            container = {}
+        loads = model_name_from_args(
+            [str(a) for a in container.get("args") or []],
+            [str(c) for c in container.get("command") or []],
+        )
+        if root is not None and loads is not None and not same_model(root, loads):
+            logger.warning(
+                "not adopting %s: /v1/models says it was loaded from %r, not %r",
+                served,
+                root,
+                loads,
+            )
             return None
         logger.info("the Deployment already serves %s; adopting it", served)
         self._loaded = LoadedModel(served, self._upstream)
@@ -666,12 +822,32 @@ class _Superseded(Exception):
     """Another writer took the Deployment between our writes: start over from a fresh read."""
 
 
+class _Refused(Exception):
+    """The upstream answered 401/403: the API key is wrong or missing."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def same_model(root: str, model_name: str) -> bool:
+    """Whether vLLM's `root` in `/v1/models` is `model_name`: the same string, or (offline
+    mode, `HF_HUB_OFFLINE`) the local snapshot vLLM resolved that hub model to."""
+    if root.rstrip("/") == model_name.rstrip("/"):
+        return True
+    return f"models--{model_name.strip('/').replace('/', '--')}/" in root + "/"
+
+
 def _ours(deployment: Obj, expected: str | None) -> bool:
     return template_hash(deployment) == expected and replicas(deployment) >= 1
 
 
 def _uid(obj: Mapping[str, Any]) -> str:
     return str((obj.get("metadata") or {}).get("uid") or "")
+
+
+def _name(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("name") or "?")
 
 
 def _now() -> datetime.datetime:
@@ -681,13 +857,15 @@ def _now() -> datetime.datetime:
 def model_from_deployment(deployment: Obj, container: str | None = None) -> VLLMModel | None:
     """The model a Deployment runs, from its args (flags parsed best effort)."""
     try:
-        args = [str(a) for a in pick_container(deployment, container).get("args") or []]
+        picked = pick_container(deployment, container)
     except ArgsError:
-        args = []
+        picked = {}
+    args = [str(a) for a in picked.get("args") or []]
+    command = [str(c) for c in picked.get("command") or []]
     served = served_name(deployment, container)
     if not served:
         return None
-    spec = spec_from_args(args)
+    spec = spec_from_args(args, command)
     spec.setdefault("servedModelName", served)
     spec.setdefault("modelName", spec.get("modelName") or served)
     name = active_model_name(deployment) or served

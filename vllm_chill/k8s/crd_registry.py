@@ -32,7 +32,7 @@ INVALID_PREFIX = "invalid VLLMModel: "
 
 
 class CRDRegistry(IndexedRegistry):
-    """`ModelRegistry` over `VLLMModel` resources in one namespace (SPEC §1, §4).
+    """`ModelRegistry` over `VLLMModel` resources in one namespace.
 
     `start()` returns after the first list attempt: with the API unreachable, the registry
     starts empty, `ready()` is False, and it keeps retrying in the background. `start()` and

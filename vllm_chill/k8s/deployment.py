@@ -20,8 +20,12 @@ from typing import Any
 
 from ..model import VLLMModel
 from .args import (
+    MODEL_FLAG,
+    SERVED_NAME_FLAG,
     ArgsError,
+    canonical_flag,
     has_managed_args,
+    invocation,
     is_shell_script,
     rewrite_args,
     served_name_from_args,
@@ -46,26 +50,63 @@ from .rollout import (
 Obj = dict[str, Any]
 
 
-def pick_container(deployment: Mapping[str, Any], name: str | None) -> Obj:
-    """The vLLM container: the one named, else the only one, else `vllm`, else the first."""
+def _containers(deployment: Mapping[str, Any]) -> list[Obj]:
     spec = ((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}
-    containers: list[Obj] = spec.get("containers") or []
+    return list(spec.get("containers") or [])
+
+
+def runs_vllm(container: Mapping[str, Any]) -> bool:
+    """Whether a container looks like a vLLM server: it invokes vLLM (`vllm serve`, the API
+    server module), runs a vLLM image (not vllm-chill's), or names a model in its args."""
+    command = [str(c) for c in container.get("command") or []]
+    args = [str(a) for a in container.get("args") or []]
+    if invocation(command, args).style != "unknown":
+        return True
+    if any("vllm serve" in word or "vllm.entrypoints" in word for word in [*command, *args]):
+        return True  # a shell script that starts vLLM (ConfigMap mode)
+    image = str(container.get("image") or "").rsplit("/", 1)[-1].split(":", 1)[0].split("@")[0]
+    if "vllm" in image and "chill" not in image:
+        return True
+    return any(canonical_flag(t) in (MODEL_FLAG, SERVED_NAME_FLAG) for t in args)
+
+
+def pick_container(deployment: Mapping[str, Any], name: str | None) -> Obj:
+    """The vLLM container: the one named (`--container`), else the only one, else the one
+    that runs vLLM (see `runs_vllm`; among several, the one called `vllm` or like the
+    Deployment). Anything else is refused: writing a model's flags into a sidecar would
+    break the pod and leave vLLM as it was."""
+    containers = _containers(deployment)
     if not containers:
         raise ArgsError("the Deployment's pod template has no container")
+    names = ", ".join(str(c.get("name")) for c in containers)
     if name is not None:
         for container in containers:
             if container.get("name") == name:
                 return container
-        names = ", ".join(str(c.get("name")) for c in containers)
         raise ArgsError(f"the Deployment has no container named {name!r} (it has {names})")
     if len(containers) == 1:
         return containers[0]
     deployment_name = (deployment.get("metadata") or {}).get("name")
-    for wanted in ("vllm", deployment_name):
-        for container in containers:
-            if container.get("name") == wanted:
-                return container
-    return containers[0]
+    conventional = [c for c in containers if c.get("name") in ("vllm", deployment_name)]
+    candidates = [c for c in containers if runs_vllm(c)]
+    several = len(candidates) > 1
+    if several:
+        candidates = [c for c in candidates if c in conventional]
+    elif not candidates:
+        candidates = conventional
+    if len(candidates) == 1:
+        return candidates[0]
+    which = "several of them look like" if several else "none of them looks like"
+    raise ArgsError(
+        f"the Deployment's pod has containers {names} and {which} the vLLM server; "
+        "name it with --container"
+    )
+
+
+def _command_and_args(container: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    return [str(c) for c in container.get("command") or []], [
+        str(a) for a in container.get("args") or []
+    ]
 
 
 def template_hash(deployment: Mapping[str, Any]) -> str | None:
@@ -79,9 +120,9 @@ def served_name(deployment: Mapping[str, Any], container_name: str | None) -> st
         container = pick_container(deployment, container_name)
     except ArgsError:
         container = {}
-    args = [str(a) for a in container.get("args") or []]
-    if not is_shell_script(container.get("command") or [], args):
-        name = served_name_from_args(args)
+    command, args = _command_and_args(container)
+    if not is_shell_script(command, args):
+        name = served_name_from_args(args, command)
         if name:
             return name
     return template_annotations(deployment).get(POD_SERVED_NAME) or object_annotations(
@@ -110,17 +151,19 @@ def wanted_args(
     """The container args for `model`, or None when the args are left alone (a
     ConfigMap-driven Deployment whose args carry no model flags)."""
     container = pick_container(deployment, container_name)
-    args = [str(a) for a in container.get("args") or []]
-    if is_shell_script(container.get("command") or [], args):
+    command, args = _command_and_args(container)
+    if is_shell_script(command, args):
         if configmap:
             return None
         raise ArgsError(
             f"container {container.get('name')!r} runs a shell script; vllm-chill rewrites "
             "args-based Deployments only (or use --configmap with a script that reads it)"
         )
-    if configmap and not has_managed_args(args):
+    if configmap and not has_managed_args(args, command):
         return None
-    return rewrite_args(args, model, previous_extra=previous_extra_args(deployment))
+    return rewrite_args(
+        args, model, previous_extra=previous_extra_args(deployment), command=command
+    )
 
 
 def runs(

@@ -3,7 +3,9 @@
 Pure functions over the API server's JSON, so every rule is testable without a cluster.
 "Done" is what `kubectl rollout status` means; "failed" is the pod's or the Deployment's own
 reason, found as soon as Kubernetes reports it, so a crash-looping model fails in seconds
-instead of at the switch timeout.
+instead of at the switch timeout. A pod that waits for something that may still come (a node
+from a cluster autoscaler, a volume, the kubelet's next image pull) is not failed here: see
+`pending.py`, which judges those waits over time.
 """
 
 from __future__ import annotations
@@ -35,18 +37,21 @@ POD_SERVED_NAME = PREFIX + "served-model-name"
 FATAL_WAITING = frozenset(
     {
         "CrashLoopBackOff",
-        "ImagePullBackOff",
-        "ErrImagePull",
         "CreateContainerConfigError",
         "CreateContainerError",
         "InvalidImageName",
         "ErrImageNeverPull",
     }
 )
+#: Image pulls that failed; the kubelet retries them (with back-off), so they are judged over
+#: time (`pending.py`), except when the registry said the image is not there for us.
+PULL_WAITING = frozenset({"ErrImagePull", "ImagePullBackOff"})
 
 PHASE_UPDATING = "updating deployment"
 PHASE_OLD_PODS = "waiting for the previous pod to stop"
 PHASE_SCHEDULING = "waiting for pod to be scheduled"
+PHASE_SCALING_UP = "waiting for the cluster autoscaler to add a node"
+PHASE_VOLUME = "waiting for the pod's volume"
 PHASE_PULLING = "pulling image"
 PHASE_STARTING = "container starting"
 PHASE_MODELS = "waiting for /v1/models"
@@ -119,21 +124,50 @@ def current_pods(deployment: Obj, pods: Iterable[Obj]) -> list[Obj]:
     return result
 
 
-def pod_failure(pod: Obj) -> str | None:
-    """The pod's own reason it will not become ready, in the words `kubectl` shows."""
-    name = (pod.get("metadata") or {}).get("name", "?")
+def pod_name(pod: Obj) -> str:
+    return str((pod.get("metadata") or {}).get("name") or "?")
+
+
+def unschedulable(pod: Obj) -> str | None:
+    """The scheduler's message when it found no node for the pod (yet), else None."""
     scheduled = _condition(pod, "PodScheduled")
     if (
         scheduled is not None
         and scheduled.get("status") == "False"
         and scheduled.get("reason") == "Unschedulable"
     ):
-        return f"Unschedulable: {scheduled.get('message') or 'no node fits the pod'} (pod {name})"
+        return str(scheduled.get("message") or "no node fits the pod")
+    return None
+
+
+def _container_statuses(pod: Obj) -> list[Mapping[str, Any]]:
     status = pod.get("status") or {}
-    containers = [
+    return [
         *(status.get("initContainerStatuses") or []),
         *(status.get("containerStatuses") or []),
     ]
+
+
+def image_pull_waits(pod: Obj) -> list[tuple[str, str, str]]:
+    """(container, reason, message) of each container whose image pull failed for now."""
+    waits = []
+    for container in _container_statuses(pod):
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in PULL_WAITING:
+            waits.append(
+                (
+                    str(container.get("name") or "?"),
+                    str(waiting["reason"]),
+                    str(waiting.get("message") or ""),
+                )
+            )
+    return waits
+
+
+def pod_failure(pod: Obj) -> str | None:
+    """The pod's own reason it will not become ready, in the words `kubectl` shows."""
+    name = pod_name(pod)
+    containers = _container_statuses(pod)
     for container in containers:
         for state in (container.get("lastState") or {}, container.get("state") or {}):
             terminated = state.get("terminated") or {}

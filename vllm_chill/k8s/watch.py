@@ -146,6 +146,8 @@ class Informer:
         #: Watch events applied so far (for the tests and the spin guard).
         self.events = 0
         self._failures = 0
+        #: Whether a list or watch request got an answer or an error yet.
+        self.attempted = False
 
     def get(self, name: str) -> Obj | None:
         return self.cache.get(name)
@@ -192,6 +194,7 @@ class Informer:
                 await anyio.sleep(self._backoff.next())
 
     def _failed(self, exc: ApiError) -> None:
+        self.attempted = True
         self.ready = False
         self._failures += 1
         # Say it once per outage, not once per retry.
@@ -203,6 +206,7 @@ class Informer:
         if self._failures:
             logger.info("%s: Kubernetes API reachable again", self.what)
         self._failures = 0
+        self.attempted = True
         self.ready = True
         self._backoff.reset()
 
@@ -295,3 +299,75 @@ def _iter_lines(response: Any) -> Iterator[str]:
 
 def _name(obj: Mapping[str, Any]) -> str:
     return str((obj.get("metadata") or {}).get("name") or "")
+
+
+class PodEvents:
+    """The Events about one pod, watched only while it matters (a pod waiting for a node).
+
+    `run()` belongs to the owner's task group; `follow(name)` starts watching that pod's
+    Events (and stops watching the previous pod's), `follow(None)` stops. Changes wake the
+    `notifier` like any other informer's.
+    """
+
+    def __init__(
+        self,
+        list_fn: Callable[..., Any],
+        namespace: str,
+        *,
+        notifier: Notifier,
+        watch_timeout: float = 300.0,
+    ) -> None:
+        self._list_fn = list_fn
+        self._namespace = namespace
+        self._notifier = notifier
+        self._watch_timeout = watch_timeout
+        self._wanted: str | None = None
+        self._informer: Informer | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._changed = anyio.Event()
+
+    @property
+    def following(self) -> str | None:
+        return self._wanted
+
+    @property
+    def readable(self) -> bool:
+        """False once listing them failed (typically 403: the Role does not allow it)."""
+        informer = self._informer
+        return informer is None or informer.synced or not informer.attempted
+
+    def events(self) -> list[Obj]:
+        return self._informer.objects() if self._informer is not None else []
+
+    def follow(self, pod: str | None) -> None:
+        if pod != self._wanted:
+            self._wanted = pod
+            self._changed.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tasks:
+            task_status.started()
+            while True:
+                await self._changed.wait()
+                self._changed = anyio.Event()
+                if self._scope is not None:
+                    self._scope.cancel()
+                self._scope = self._informer = None
+                if self._wanted is None:
+                    continue
+                informer = Informer(
+                    f"Events of pod {self._namespace}/{self._wanted}",
+                    self._list_fn,
+                    self._namespace,
+                    field_selector=f"involvedObject.kind=Pod,involvedObject.name={self._wanted}",
+                    notifier=self._notifier,
+                    watch_timeout=self._watch_timeout,
+                )
+                scope = anyio.CancelScope()
+                self._informer, self._scope = informer, scope
+                tasks.start_soon(_run_in, scope, informer)
+
+
+async def _run_in(scope: anyio.CancelScope, informer: Informer) -> None:
+    with scope:
+        await informer.run()
