@@ -462,3 +462,42 @@ async def test_unreachable_upstream_is_a_502() -> None:
         r = await s.http.post(s.url + "/v1/chat/completions", json=chat("alpha"))
         assert r.status_code == 502
         assert r.json()["error"]["code"] == "upstream_unavailable"
+
+
+async def test_v2_embed_is_routed_by_its_model() -> None:
+    async with stack(max_wait=5) as s:
+        r = await s.http.post(s.url + "/v2/embed", json={"model": "beta", "texts": ["hi"]})
+        assert s.backend.loads == ["beta"]
+        # The simulator has no such route: its own 404 shows the request reached it.
+        assert r.status_code == 404 and r.json() == {"detail": "Not Found"}
+
+
+async def test_stored_responses_go_to_the_model_being_served() -> None:
+    async with stack(max_wait=5) as s:
+        none_yet = await s.http.get(s.url + "/v1/responses/resp_1")
+        assert none_yet.status_code == 404 and none_yet.json()["error"]["code"] == "not_found"
+        assert (await s.http.post(s.url + "/v1/chat/completions", json=chat("gamma"))).is_success
+        # The simulator stores no responses: its own 404s show the requests reached gamma.
+        for r in (
+            await s.http.get(s.url + "/v1/responses/resp_1"),
+            await s.http.post(s.url + "/v1/responses/resp_1/cancel"),
+        ):
+            assert r.status_code == 404 and r.json() == {"detail": "Not Found"}
+        assert s.backend.loads == ["gamma"]  # nothing else was loaded for them
+
+
+async def test_a_websocket_is_refused_cleanly() -> None:
+    """vLLM's `/v1/realtime` is a websocket: refused with a close (the server answers the
+    handshake 403), not an error."""
+    proxy = ModelSwitchMiddleware(registry=StaticRegistry([spec("alpha")]), backend=FakeBackend())
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": "/v1/realtime", "headers": [], "query_string": b""}
+    await proxy(scope, receive, send)
+    assert [m["type"] for m in sent] == ["websocket.close"]

@@ -55,6 +55,7 @@ MODEL_PATHS = frozenset(
         "/classify",
         "/v1/classify",
         "/v2/rerank",
+        "/v2/embed",
         "/v1/audio/transcriptions",
         "/v1/audio/translations",
     }
@@ -80,8 +81,26 @@ OPERATOR_PATHS = frozenset(
         "/pause",
         "/resume",
         "/is_paused",
+        "/release_kv_cache_memory",
+        "/reset_encoder_cache",
+        "/init_weight_transfer_engine",
+        "/shutdown_weight_transfer_engine",
+        "/start_weight_update",
+        "/finish_weight_update",
+        "/start_draft_weight_update",
+        "/update_weight_version",
+        "/weight_checker",
+        "/weight_info",
+        "/get_world_size",
+        "/abort_requests",
+        "/inference/v1/abort_requests",
+        "/kv_event_sources",
     }
 )
+#: Whole trees of vLLM's operator endpoints (fault tolerance, checkpoints), wherever mounted.
+OPERATOR_PREFIXES = ("/fault_tolerance/", "/v1/fault_tolerance/", "/checkpoint/", "/v1/checkpoint/")
+#: Stored Responses API objects: they name no model, so they go to the model being served.
+_RESPONSE_OBJECT = "/v1/responses/"
 #: Paths this middleware answers itself even when it wraps an inner app.
 _OWN_EXACT = frozenset({"/health", "/readyz", "/metrics", "/tokenize", "/detokenize"})
 
@@ -116,10 +135,11 @@ def _has_dot_segment(path: str) -> bool:
 def _is_operator_path(path: str) -> bool:
     """Operator endpoints, also as a lenient router would match them: repeated and trailing
     slashes do not count."""
-    if path in OPERATOR_PATHS:
+    if path in OPERATOR_PATHS or path.startswith(OPERATOR_PREFIXES):
         return True
     if "//" in path or path.endswith("/"):
-        return ("/" + "/".join(part for part in path.split("/") if part)) in OPERATOR_PATHS
+        clean = "/" + "/".join(part for part in path.split("/") if part)
+        return clean in OPERATOR_PATHS or (clean + "/").startswith(OPERATOR_PREFIXES)
     return False
 
 
@@ -206,8 +226,17 @@ class ModelSwitchMiddleware:
                     )
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
+        elif kind == "websocket" and (self.app is None or _route_path(scope).startswith("/v1/")):
+            await self._refuse_websocket(receive, send)
         elif self.app is not None:
             await self.app(scope, receive, send)
+
+    async def _refuse_websocket(self, receive: Receive, send: Send) -> None:
+        """Websockets (vLLM's `/v1/realtime`) are not proxied: a clean refusal (the server
+        answers the handshake with 403), never an error."""
+        message = await receive()
+        if message["type"] == "websocket.connect":
+            await send({"type": "websocket.close", "code": 1008, "reason": "not supported"})
 
     # --- lifespan -------------------------------------------------------------------------
 
@@ -335,6 +364,9 @@ class ModelSwitchMiddleware:
         if _is_operator_path(path) or _has_dot_segment(path):
             await self._not_found(send, path)
             return
+        if path.startswith(_RESPONSE_OBJECT) and path.count("/") <= 5:
+            await self._to_served_model(scope, receive, exchange, path, method)
+            return
         if path == "/v1/models" or path.startswith("/v1/models/"):
             if method != "GET":
                 await self._not_allowed(send)
@@ -384,6 +416,33 @@ class ModelSwitchMiddleware:
         model = self.registry.get(name)
         if model is None:
             await self._model_not_found(send, name)
+            return
+        await self._serve(scope, receive, exchange, path=path, model=model, body=body)
+
+    async def _to_served_model(
+        self, scope: Scope, receive: Receive, exchange: _Exchange, path: str, method: str
+    ) -> None:
+        """`GET /v1/responses/{id}`, `POST /v1/responses/{id}/cancel`: the request names no
+        model, so it goes to the model being served, if any (a stored response lives on the
+        server that made it; another model's server answers 404)."""
+        send = exchange.send
+        if method not in ("GET", "POST") or (method == "POST" and not path.endswith("/cancel")):
+            await self._not_allowed(send)
+            return
+        if self._api_keys and not self._authorized(scope, self._api_keys):
+            await self._unauthorized(send)
+            return
+        body = await self._read_body(scope, receive, send)
+        if body is None:
+            return
+        active = self.switcher.core.active
+        model = (
+            self.registry.get(active) if active and self.switcher.core.is_serving(active) else None
+        )
+        if model is None:
+            await error_response(
+                send, 404, "not_found", "No model is being served, so no stored response is."
+            )
             return
         await self._serve(scope, receive, exchange, path=path, model=model, body=body)
 
@@ -634,7 +693,9 @@ class ModelSwitchMiddleware:
             "created": self._created,
             "owned_by": "vllm-chill",
             "root": model.model_name,
+            "parent": None,
             "max_model_len": model.max_model_len,
+            "permission": [],
             "state": state.value,
         }
 

@@ -37,8 +37,8 @@ from vllm_chill.sim.server import SimModelServer
 
 MODELS = ("alpha", "beta", "gamma")
 
-#: vLLM's operator endpoints (SPEC §3.1, plus the ones vLLM has added since). Listed here
-#: rather than imported from the middleware, so that dropping one there fails a test.
+#: vLLM's operator, development and RL endpoints (those of vLLM 0.32, and older names). Listed
+#: here rather than imported from the middleware, so that dropping one there fails a test.
 OPERATOR_PATHS = (
     "/sleep",
     "/wake_up",
@@ -52,6 +52,23 @@ OPERATOR_PATHS = (
     "/stop_profile",
     "/scale_elastic_ep",
     "/is_scaling_elastic_ep",
+    "/server_info",
+    "/pause",
+    "/resume",
+    "/is_paused",
+    "/release_kv_cache_memory",
+    "/reset_encoder_cache",
+    "/init_weight_transfer_engine",
+    "/shutdown_weight_transfer_engine",
+    "/start_weight_update",
+    "/finish_weight_update",
+    "/update_weights",
+    "/abort_requests",
+    "/inference/v1/abort_requests",
+    "/fault_tolerance/apply",
+    "/fault_tolerance/status",
+    "/v1/fault_tolerance/apply",
+    "/checkpoint/save",
 )
 
 #: The only 5xx the proxy may answer by itself: (status, error code).
@@ -62,6 +79,7 @@ DOCUMENTED_5XX = frozenset(
         (503, "too_many_waiting"),
         (503, "not_ready"),
         (502, "upstream_unavailable"),
+        (504, "upstream_timeout"),
     }
 )
 #: What uvicorn itself answers to bytes that are not HTTP (before any application code runs).
