@@ -386,10 +386,7 @@ class ModelSwitchMiddleware:
 
     async def _proxy(self, scope: Scope, receive: Receive, exchange: _Exchange, path: str) -> None:
         send = exchange.send
-        if self._api_keys and not self._authorized(scope, self._api_keys):
-            await self._unauthorized(send)
-            return
-        body = await self._read_body(scope, receive, send)
+        body = await self._client_body(scope, receive, send)
         if body is None:
             return
         content_type = header(scope, b"content-type") or b""
@@ -429,10 +426,7 @@ class ModelSwitchMiddleware:
         if method not in ("GET", "POST") or (method == "POST" and not path.endswith("/cancel")):
             await self._not_allowed(send)
             return
-        if self._api_keys and not self._authorized(scope, self._api_keys):
-            await self._unauthorized(send)
-            return
-        body = await self._read_body(scope, receive, send)
+        body = await self._client_body(scope, receive, send)
         if body is None:
             return
         active = self.switcher.core.active
@@ -548,6 +542,14 @@ class ModelSwitchMiddleware:
         finally:
             gauge.dec()
             self.switcher.finish(lease)
+
+    async def _client_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        """The body of a client's request for a model, once its API key checks out; None when
+        the request was answered already (401, 400, 413) or the client left."""
+        if self._api_keys and not self._authorized(scope, self._api_keys):
+            await self._unauthorized(send)
+            return None
+        return await self._read_body(scope, receive, send)
 
     async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
         limit = self.options.max_body_size
