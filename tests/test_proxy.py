@@ -16,8 +16,10 @@ import httpx
 import openai
 import pytest
 
+from tests.reliability.helpers import proxy_stack
 from tests.servers import serve
 from vllm_chill import FakeBackend, ModelSwitchMiddleware, StaticRegistry, VLLMModel
+from vllm_chill.backends.sim import SimBackend
 from vllm_chill.sim.server import SimModelServer
 
 pytestmark = pytest.mark.anyio
@@ -501,3 +503,19 @@ async def test_a_websocket_is_refused_cleanly() -> None:
     scope = {"type": "websocket", "path": "/v1/realtime", "headers": [], "query_string": b""}
     await proxy(scope, receive, send)
     assert [m["type"] for m in sent] == ["websocket.close"]
+
+
+async def test_a_loaded_models_entry_is_the_servers_own() -> None:
+    """`max_model_len` as the server reports it (the spec leaves it to vLLM here), with the
+    server's other fields; before the load, what the spec says."""
+    async with (
+        proxy_stack(models=[spec("alpha")], backend=SimBackend(load_time=0), max_wait=5) as st,
+        httpx.AsyncClient(timeout=30) as http,
+    ):
+        before = (await http.get(st.url + "/v1/models/alpha")).json()
+        assert before["state"] == "unloaded" and before["max_model_len"] is None
+        assert (await http.post(st.url + "/v1/chat/completions", json=chat("alpha"))).is_success
+        after = (await http.get(st.url + "/v1/models/alpha")).json()
+        assert after["state"] == "loaded"
+        assert after["max_model_len"] == 8192  # the simulator's default, as vLLM derives its own
+        assert after["root"] == "org/alpha" and after["owned_by"] == "vllm"

@@ -688,7 +688,17 @@ class ModelSwitchMiddleware:
             await self._not_found(send, path)
 
     def _model_entry(self, model: VLLMModel) -> dict[str, Any]:
+        """A `/v1/models` entry. While the model is loaded, vLLM's own entry for it (its real
+        `max_model_len`, `root`, `permission`, ...) with our `state` added."""
         state = self.switcher.state_of(model.served_model_name)
+        loaded = self.switcher.loaded
+        if (
+            state is ModelState.LOADED
+            and loaded is not None
+            and loaded.entry is not None
+            and loaded.served_model_name == model.served_model_name
+        ):
+            return {**loaded.entry, "id": model.served_model_name, "state": state.value}
         return {
             "id": model.served_model_name,
             "object": "model",

@@ -8,9 +8,9 @@ then calls `unload` so that nothing is left half-loaded.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..model import VLLMModel
 
@@ -23,6 +23,9 @@ class LoadedModel:
     base_url: str  # e.g. "http://127.0.0.1:8001" — the proxy appends the request path
     #: Extra headers the proxy adds to every upstream request (rarely needed).
     headers: tuple[tuple[str, str], ...] = field(default=())
+    #: The server's own `/v1/models` entry for the model, as seen when it became ready
+    #: (vLLM's `max_model_len`, `root`, ...), when the backend read it.
+    entry: Mapping[str, Any] | None = field(default=None, compare=False)
 
 
 class LoadError(Exception):

@@ -45,7 +45,7 @@ import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import anyio
 import httpx
@@ -241,9 +241,7 @@ class LocalProcessBackend:
             progress("waiting for /health")
             await self._poll(server, lambda: _health_ok(client))
             progress("waiting for /v1/models")
-            await self._poll(
-                server, lambda: _lists_model(client, server.name, server.model.model_name)
-            )
+            await self._poll(server, lambda: _lists_model(client, server))
 
     async def _poll(self, server: _Server, probe: Callable[[], Awaitable[bool]]) -> None:
         """Probe with a short backoff until it succeeds; fail the moment the process exits."""
@@ -361,9 +359,11 @@ class _Server:
         self.stop_lock = anyio.Lock()
         self.ready = False
         self.stopping = False
+        #: The server's `/v1/models` entry for the model, once it listed it.
+        self.entry: dict[str, Any] | None = None
 
     def loaded(self) -> LoadedModel:
-        return LoadedModel(served_model_name=self.name, base_url=self.base_url)
+        return LoadedModel(served_model_name=self.name, base_url=self.base_url, entry=self.entry)
 
     async def wait_exit(self) -> None:
         """Wait until the supervisor is reaped (callers bound it; the exit watcher may be
@@ -434,7 +434,9 @@ async def _health_ok(client: httpx.AsyncClient) -> bool:
     return response.status_code == 200
 
 
-async def _lists_model(client: httpx.AsyncClient, served_model_name: str, model_name: str) -> bool:
+async def _lists_model(client: httpx.AsyncClient, server: _Server) -> bool:
+    """Whether the server lists the model under its served name (and then keeps its entry)."""
+    served_model_name, model_name = server.name, server.model.model_name
     try:
         response = await client.get("/v1/models")
     except httpx.HTTPError:
@@ -459,6 +461,7 @@ async def _lists_model(client: httpx.AsyncClient, served_model_name: str, model_
             f"the model server serves {served_model_name!r} from {sorted(roots)[0]!r}, not from "
             f"{model_name!r} (modelName): it loaded another model; check --command"
         )
+    server.entry = entries[0]
     return True
 
 

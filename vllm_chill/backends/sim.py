@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import httpx
@@ -92,12 +93,12 @@ class SimBackend:
             self._server = server
             try:
                 base_url = await server.start()
-                await self._wait_until_serving(server, base_url, progress)
+                entry = await self._wait_until_serving(server, base_url, progress)
             except BaseException:
                 await self._stop_server()
                 raise
             log.info("simulated vLLM for %s ready at %s", model.served_model_name, base_url)
-            return LoadedModel(model.served_model_name, base_url)
+            return LoadedModel(model.served_model_name, base_url, entry=entry)
 
     async def unload(self) -> None:
         async with self._lock:
@@ -118,7 +119,7 @@ class SimBackend:
 
     async def _wait_until_serving(
         self, server: SimModelServer, base_url: str, progress: ProgressCallback
-    ) -> None:
+    ) -> dict[str, Any] | None:
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
         name = server.served_model_name
         limit = self.load_time + READY_SLACK
@@ -130,7 +131,16 @@ class SimBackend:
                     progress("waiting for /health")
                     await _poll(server, client, "/health", lambda r: r.status_code == 200)
                     progress("waiting for /v1/models")
-                    await _poll(server, client, "/v1/models", lambda r: _lists(r, name))
+                    listing: list[httpx.Response] = []
+
+                    def listed(response: httpx.Response) -> bool:
+                        if _lists(response, name):
+                            listing.append(response)  # kept: its entry is vLLM's own word
+                            return True
+                        return False
+
+                    await _poll(server, client, "/v1/models", listed)
+                    return _entry(listing[0], name)
         except TimeoutError:
             raise LoadError(
                 f"the simulated server for {name!r} did not become ready within {limit:g}s"
@@ -164,6 +174,12 @@ async def _poll(
             with anyio.move_on_after(delay):
                 await server.wait_ready()  # wakes at once when the load ends either way
         delay = min(delay * 2, _POLL_MAX)
+
+
+def _entry(response: httpx.Response, name: str) -> dict[str, Any] | None:
+    """The model's entry in a `/v1/models` answer that lists it."""
+    data = response.json().get("data", [])
+    return next((card for card in data if isinstance(card, dict) and card.get("id") == name), None)
 
 
 def _lists(response: httpx.Response, name: str) -> bool:

@@ -129,6 +129,8 @@ class K8sDeploymentBackend:
         self._container = container
         self._configmap = configmap
         self._upstream = (upstream or f"http://{deployment}.{namespace}.svc:8000").rstrip("/")
+        #: The upstream's `/v1/models` entry for the model it was last seen listing.
+        self._entry: dict[str, Any] | None = None
         self._upstream_api_key = upstream_api_key
         self._field_manager = field_manager
         self._switch_models = switch_models
@@ -567,7 +569,7 @@ class K8sDeploymentBackend:
                     self._loaded_hash = expected
                     if object_annotations(deployment).get(READY_HASH) != expected:
                         await self._confirm(expected)
-                    return LoadedModel(model.served_model_name, self._upstream)
+                    return LoadedModel(model.served_model_name, self._upstream, entry=self._entry)
                 if listed:
                     # Another model under our served name: an old pod the Service still
                     # routes to for a moment, or a pod that loaded something else.
@@ -639,6 +641,7 @@ class K8sDeploymentBackend:
         data = body.get("data") if isinstance(body, dict) else None
         for item in data if isinstance(data, list) else []:
             if isinstance(item, dict) and item.get("id") == served:
+                self._entry = item
                 root = item.get("root")
                 return True, root if isinstance(root, str) and root else None
         return False, None
@@ -736,7 +739,7 @@ class K8sDeploymentBackend:
             )
             return None
         logger.info("the Deployment already serves %s; adopting it", served)
-        self._loaded = LoadedModel(served, self._upstream)
+        self._loaded = LoadedModel(served, self._upstream, entry=self._entry)
         self._loaded_hash = template_hash(deployment)
         return self._loaded
 
