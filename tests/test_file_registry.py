@@ -208,7 +208,7 @@ async def test_a_duplicated_served_name_keeps_the_previous_models(
     assert "other.yaml" in message
     alpha = registry.get("alpha")
     assert alpha is not None
-    assert (alpha.name, alpha.dtype) == ("alpha", "auto")
+    assert (alpha.name, alpha.dtype) == ("alpha", None)  # its own (unset), not the half
 
     (models_dir / "other.yaml").unlink()
     write(models_dir / "beta.yaml", manifest("beta"))
