@@ -1,4 +1,4 @@
-"""The `vllm-chill` command and `vllm_chill.app`, run as real processes (SPEC §1, §2, §3.2)."""
+"""The `vllm-chill` command and `vllm_chill.app`, run as real processes."""
 
 from __future__ import annotations
 
@@ -270,7 +270,7 @@ def requests_answered(client: httpx.Client, model: str, status: int) -> float:
 
 @pytest.mark.slow
 def test_serve_sim_end_to_end(models_dir: Path) -> None:
-    """The newcomer's command: a 503 with the seed's body while loading, then the official
+    """The newcomer's command: a 503 with the loading body while loading, then the official
     client, retrying on Retry-After, gets its answer; SIGTERM ends it with status 0."""
     args = [sys.executable, "-m", "vllm_chill", "serve", "--backend", "sim"]
     args += ["--models", str(models_dir), "--host", "127.0.0.1", "--port", "0"]
@@ -488,7 +488,7 @@ async def test_the_app_is_configured_at_startup(models_dir: Path) -> None:
 
 # --- what the factory builds (constructed only: nothing starts, no network) -----------------
 
-SEED = [
+EXAMPLE_COMMAND = [
     "--enable-model-switch",
     "--configmap",
     "vllm-config",
@@ -514,7 +514,7 @@ def _offline_api_client() -> Any:
     ],
 )
 def test_the_seeds_command_builds_the_kubernetes_backend(extra: list[str], registry: str) -> None:
-    settings = parse_settings([*SEED, *extra], {})
+    settings = parse_settings([*EXAMPLE_COMMAND, *extra], {})
     app = build_middleware(settings, api_client=_offline_api_client())
     assert type(app.backend).__name__ == "K8sDeploymentBackend"
     assert type(app.registry).__name__ == registry
@@ -541,14 +541,14 @@ def test_options_reach_the_middleware(models_dir: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.anyio
 async def test_the_seeds_command_against_a_simulated_cluster(tmp_path: Path) -> None:
-    """The seed's exact command, plus where to find the (emulated) cluster and its Service:
+    """The Kubernetes example's exact command, plus where to find the (emulated) cluster and its Service:
     the namespace's VLLMModels are listed, a request loads its model into the Deployment (args
-    and ConfigMap) with the seed's 503 meanwhile, and then it is answered by that model."""
+    and ConfigMap) with the loading 503 meanwhile, and then it is answered by that model."""
     manifests = [model_manifest("deepseek-r1-fp8"), model_manifest("qwen3-coder-30b-fp8")]
     async with simulated_cluster(models=manifests) as cluster:
         kubeconfig = tmp_path / "kubeconfig"
         kubeconfig.write_text(json.dumps(_kubeconfig(cluster.api_url)))
-        args = [sys.executable, "-m", "vllm_chill", "serve", *SEED]
+        args = [sys.executable, "-m", "vllm_chill", "serve", *EXAMPLE_COMMAND]
         args += ["--kubeconfig", str(kubeconfig), "--upstream", cluster.upstream]
         args += ["--host", "127.0.0.1", "--port", "0"]
         log = _Log()

@@ -99,7 +99,7 @@ def chat(model: Any, **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
 
 
-# --- the seed's experience ------------------------------------------------------------------
+# --- a newcomer's experience ------------------------------------------------------------------
 
 
 async def test_first_request_gets_the_seed_503_then_the_openai_client_succeeds() -> None:

@@ -1,4 +1,4 @@
-"""`vllm-chill serve` settings: flags, environment twins, defaults and one-line errors (SPEC §2)."""
+"""`vllm-chill serve` settings: flags, environment twins, defaults and one-line errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `vllm-chill` command (SPEC §2): `serve`, `check-models`, `sim-server`, `--version`.
+"""The `vllm-chill` command: `serve`, `check-models`, `sim-server`, `--version`.
 
 Exit status: 0 after a clean shutdown (SIGTERM/SIGINT included), 1 for invalid manifests in
 `check-models` or a failed shutdown, 2 for a bad flag, environment variable or

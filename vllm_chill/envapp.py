@@ -1,4 +1,4 @@
-"""`vllm_chill.app`: the proxy configured from `VLLM_CHILL_*` environment variables (SPEC §1).
+"""`vllm_chill.app`: the proxy configured from `VLLM_CHILL_*` environment variables.
 
 For `uvicorn vllm_chill:app` (and gunicorn, hypercorn, ...). Importing it does nothing: the
 environment is read, and the middleware built, at lifespan startup, so a configuration error

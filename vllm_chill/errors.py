@@ -1,4 +1,4 @@
-"""OpenAI-shaped error answers (SPEC §3.3): `{"error": {"message", "type", "code", "param"}}`.
+"""OpenAI-shaped error answers: `{"error": {"message", "type", "code", "param"}}`.
 
 Every refusal the proxy makes goes through `error_response`, so clients (and the official
 `openai` client's exception mapping) always see the same shape, and no traceback can leak.
@@ -64,5 +64,5 @@ async def error_response(
 
 
 def loading_message(model: str) -> str:
-    """The seed's exact sentence (SPEC §3.2)."""
+    """The sentence clients of the original vllm-chill rely on: kept word for word."""
     return f"Model '{model}' is currently loading. Please wait and retry in a few moments."

@@ -1,4 +1,4 @@
-"""Reading the model name out of a request body (SPEC §3.1), without changing the body.
+"""Reading the model name out of a request body, without changing the body.
 
 JSON bodies are parsed fully: the model key may come last, and a body that is not valid JSON
 must be refused with a 400 rather than forwarded. Multipart bodies (audio uploads) are scanned

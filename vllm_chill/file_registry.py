@@ -197,7 +197,7 @@ def read_models(
 
 
 class FileRegistry(IndexedRegistry):
-    """Models from YAML files and directories (SPEC §1), reloaded when the files change.
+    """Models from YAML files and directories, reloaded when the files change.
 
     Lookups never touch the disk. `start()` and `stop()` must run in the same task (as ASGI
     lifespan does), because the registry owns the task group of its watcher; `async with`

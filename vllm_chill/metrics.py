@@ -1,4 +1,4 @@
-"""Prometheus metrics (SPEC §8), one registry per middleware so that several instances (and
+"""Prometheus metrics, one registry per middleware so that several instances (and
 tests) never collide. Label children are resolved once per model and cached: the per-request
 path must not pay for label lookups."""
 

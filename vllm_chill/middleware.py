@@ -1,4 +1,4 @@
-"""`ModelSwitchMiddleware`: the pure ASGI application in front of the models (SPEC §1, §3).
+"""`ModelSwitchMiddleware`: the pure ASGI application in front of the models.
 
 It owns the request path: routing, authentication, reading the model out of the body, asking
 the switcher for a slot on a ready model, and relaying to it. No framework runs per request;
@@ -35,7 +35,7 @@ from .upstream import UpstreamAborted, UpstreamClient, UpstreamTimeout, Upstream
 
 log = logging.getLogger("vllm_chill.proxy")
 
-#: POST paths whose JSON body names the model (SPEC §3.1); any other POST /v1/* carrying
+#: POST paths whose JSON body names the model; any other POST /v1/* carrying
 #: "model" is routed too.
 MODEL_PATHS = frozenset(
     {
@@ -60,7 +60,7 @@ MODEL_PATHS = frozenset(
         "/v1/audio/translations",
     }
 )
-#: vLLM's operator endpoints: never forwarded from clients (SPEC §3.1).
+#: vLLM's operator endpoints: never forwarded from clients.
 OPERATOR_PATHS = frozenset(
     {
         "/sleep",

@@ -1,4 +1,4 @@
-"""The `ModelRegistry` protocol (SPEC §1): where models are defined.
+"""The `ModelRegistry` protocol: where models are defined.
 
 Lookups are synchronous and served from memory: they sit on the per-request path, which must
 not do I/O. Registries that read from disk or from Kubernetes refresh their cache in the

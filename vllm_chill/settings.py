@@ -1,4 +1,4 @@
-"""`vllm-chill serve` settings (SPEC §2): flags, their `VLLM_CHILL_*` environment twins, defaults.
+"""`vllm-chill serve` settings: flags, their `VLLM_CHILL_*` environment twins, defaults.
 
 One table (`OPTIONS`) drives the argparse parser, the environment lookup and the help text, so
 a flag cannot exist without its twin. Values are checked here, before anything starts, and every
@@ -514,7 +514,7 @@ OPTIONS: tuple[Option, ...] = (
 _GROUPS = {
     "proxy": "listening",
     "models": "models and backend",
-    "kubernetes": "kubernetes backend (SPEC §5)",
+    "kubernetes": "kubernetes backend",
     "switching": "switching",
     "security": "authentication (values are never logged)",
     "local": "local backend",

@@ -28,7 +28,7 @@ from .asgi import Scope, Send
 
 log = logging.getLogger("vllm_chill.upstream")
 
-#: RFC 9110 §7.6.1 hop-by-hop headers, plus those a proxy must set itself.
+#: RFC 9110 section 7.6.1 hop-by-hop headers, plus those a proxy must set itself.
 HOP_BY_HOP = frozenset(
     {
         b"connection",

@@ -6,7 +6,7 @@
 - `proxy_stack`: the proxy under test on a real uvicorn, in front of real simulated vLLM
   servers (one per model, behind the in-process `FakeBackend`) or any other backend.
 - The checks every answer must pass: a success, or an error in OpenAI's shape, and never a
-  5xx other than the documented ones (SPEC §3.2, §3.3).
+  5xx other than the documented ones.
 - Counters of event-loop tasks and open file descriptors, to prove that nothing leaked.
 """
 
@@ -281,7 +281,7 @@ def routed_path(path: str) -> str:
     without it, which the client then has to send through the proxy."""
     segments: list[str] = []
     parts = path.split("/")[1:]
-    for segment in parts:  # RFC 3986 §5.2.4, empty segments kept
+    for segment in parts:  # RFC 3986 section 5.2.4, empty segments kept
         if segment == "..":
             if segments:
                 segments.pop()

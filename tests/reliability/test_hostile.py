@@ -1,4 +1,4 @@
-"""Hostile input against a running proxy (SPEC §3.3: "No input may produce a 500 or a
+"""Hostile input against a running proxy ("No input may produce a 500 or a
 traceback in the response; nothing a client sends can make the process exit").
 
 One proxy (real uvicorn on loopback, `FakeBackend`, one real simulated vLLM per model) serves

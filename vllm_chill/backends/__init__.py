@@ -1,4 +1,4 @@
-"""Backends: how a model gets onto the GPUs (SPEC §1, §5-§7)."""
+"""Backends: how a model gets onto the GPUs."""
 
 from .base import Backend, LoadedModel, LoadError, LostCallback, ProgressCallback
 

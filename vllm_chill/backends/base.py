@@ -1,4 +1,4 @@
-"""The `Backend` protocol (SPEC §1): how a model gets onto the GPUs.
+"""The `Backend` protocol: how a model gets onto the GPUs.
 
 The switch scheduler never talks to Kubernetes or processes directly; it calls these five
 operations and reacts to what they report. Every backend must be cancellation-safe: the

@@ -1,4 +1,4 @@
-"""The `--command` template of the local backend (SPEC §6): words, placeholders, argv.
+"""The `--command` template of the local backend: words, placeholders, argv.
 
 The template is split once, at start-up, the way a shell splits words (`shlex.split`), and is
 never run through a shell. Placeholders are substituted inside each word afterwards, so a model

@@ -1,4 +1,4 @@
-"""`SimBackend` (SPEC §7): each load starts a simulated vLLM server on a free loopback port.
+"""`SimBackend`: each load starts a simulated vLLM server on a free loopback port.
 
 It goes through the same motions as a process backend — start the server, wait for `/health`,
 then for `/v1/models` to list the served name, over real HTTP — so the proxy exercises its real

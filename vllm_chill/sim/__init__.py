@@ -1,4 +1,4 @@
-"""A simulated vLLM OpenAI server (SPEC §7): the sim backend's upstream, and the tests' and
+"""A simulated vLLM OpenAI server: the sim backend's upstream, and the tests' and
 benchmarks' stand-in for a GPU. `python -m vllm_chill.sim` runs one as a process."""
 
 from .app import SimApp, SimRequest, SimStats

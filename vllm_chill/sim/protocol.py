@@ -89,8 +89,8 @@ def chat_prompt(messages: Sequence[Any]) -> str:
 
 def completion_tokens(prompt: str, count: int) -> list[str]:
     """The same prompt always gets the same answer, so tests can compare streamed with whole."""
-    seed = zlib.crc32(prompt.encode())
-    return [("" if i == 0 else " ") + WORDS[(seed + i * 7) % len(WORDS)] for i in range(count)]
+    offset = zlib.crc32(prompt.encode())
+    return [("" if i == 0 else " ") + WORDS[(offset + i * 7) % len(WORDS)] for i in range(count)]
 
 
 def embedding(data: bytes, dimensions: int) -> list[float]:
