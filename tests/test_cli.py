@@ -513,7 +513,7 @@ def _offline_api_client() -> Any:
         (["--no-enable-model-switch"], "DeploymentModelRegistry"),
     ],
 )
-def test_the_seeds_command_builds_the_kubernetes_backend(extra: list[str], registry: str) -> None:
+def test_the_example_command_builds_the_kubernetes_backend(extra: list[str], registry: str) -> None:
     settings = parse_settings([*EXAMPLE_COMMAND, *extra], {})
     app = build_middleware(settings, api_client=_offline_api_client())
     assert type(app.backend).__name__ == "K8sDeploymentBackend"
@@ -540,9 +540,9 @@ def test_options_reach_the_middleware(models_dir: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.anyio
-async def test_the_seeds_command_against_a_simulated_cluster(tmp_path: Path) -> None:
-    """The Kubernetes example's exact command, plus where to find the (emulated) cluster and its Service:
-    the namespace's VLLMModels are listed, a request loads its model into the Deployment (args
+async def test_the_example_command_against_a_simulated_cluster(tmp_path: Path) -> None:
+    """The Kubernetes example's exact command, plus where to find the (emulated) cluster and its
+    Service: the namespace's VLLMModels are listed, a request loads its model into the Deployment (args
     and ConfigMap) with the loading 503 meanwhile, and then it is answered by that model."""
     manifests = [model_manifest("deepseek-r1-fp8"), model_manifest("qwen3-coder-30b-fp8")]
     async with simulated_cluster(models=manifests) as cluster:

@@ -102,7 +102,7 @@ def chat(model: Any, **extra: Any) -> dict[str, Any]:
 # --- a newcomer's experience ------------------------------------------------------------------
 
 
-async def test_first_request_gets_the_seed_503_then_the_openai_client_succeeds() -> None:
+async def test_first_request_gets_the_loading_503_then_the_openai_client_succeeds() -> None:
     async with stack(load_time=0.3) as s:
         r = await s.http.post(s.url + "/v1/chat/completions", json=chat("beta"))
         assert r.status_code == 503

@@ -108,7 +108,7 @@ def test_a_zero_switch_timeout_is_refused() -> None:
 # --- defaults -----------------------------------------------------------------------------
 
 
-def test_the_seeds_command() -> None:
+def test_the_example_command() -> None:
     settings = parse(
         [
             "--enable-model-switch",
@@ -227,7 +227,7 @@ def test_every_flag_has_its_environment_twin() -> None:
     }
 
 
-def test_the_seeds_command_from_the_environment() -> None:
+def test_the_example_command_from_the_environment() -> None:
     settings = parse(
         [],
         {
