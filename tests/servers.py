@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Iterator
+from typing import Literal
 
 import anyio
 import uvicorn
@@ -19,7 +20,9 @@ class _Embedded(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def serve(app: ASGIApp, *, lifespan: str = "on") -> AsyncIterator[str]:
+async def serve(
+    app: ASGIApp, *, lifespan: Literal["auto", "on", "off"] = "on"
+) -> AsyncIterator[str]:
     """Serve `app` on a free loopback port (lifespan included); yield its base URL."""
     # IPPROTO_TCP (not 0) so that asyncio turns Nagle off, as it does for its own sockets:
     # with Nagle, every answer on a kept-alive connection waits ~40 ms for a delayed ACK.

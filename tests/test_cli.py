@@ -542,8 +542,8 @@ def test_options_reach_the_middleware(models_dir: Path) -> None:
 @pytest.mark.anyio
 async def test_the_example_command_against_a_simulated_cluster(tmp_path: Path) -> None:
     """The Kubernetes example's exact command, plus where to find the (emulated) cluster and its
-    Service: the namespace's VLLMModels are listed, a request loads its model into the Deployment (args
-    and ConfigMap) with the loading 503 meanwhile, and then it is answered by that model."""
+    Service: the namespace's VLLMModels are listed, a request loads its model into the
+    Deployment (args and ConfigMap) with the loading 503 meanwhile, then that model answers."""
     manifests = [model_manifest("deepseek-r1-fp8"), model_manifest("qwen3-coder-30b-fp8")]
     async with simulated_cluster(models=manifests) as cluster:
         kubeconfig = tmp_path / "kubeconfig"

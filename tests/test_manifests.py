@@ -479,7 +479,7 @@ def cluster_example() -> dict[tuple[str, str], dict[str, Any]]:
 def proxy_image() -> str:
     """Our image's one name: the tag the Dockerfile says to build, at the package's version."""
     [tag] = re.findall(r"docker build -t (\S+) \.", (ROOT / "Dockerfile").read_text())
-    return tag
+    return str(tag)
 
 
 def test_the_proxy_image_is_ours_and_named_once() -> None:

@@ -5,7 +5,7 @@ load times and failures are set per test."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +51,10 @@ class Stack:
     async def status(self) -> dict[str, Any]:
         token = self.proxy.options.admin_token
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        return (await self.http.get(self.url + "/proxy/status", headers=headers)).json()
+        status: dict[str, Any] = (
+            await self.http.get(self.url + "/proxy/status", headers=headers)
+        ).json()
+        return status
 
     async def wait_for(self, predicate: Any, timeout: float = 10) -> dict[str, Any]:
         with anyio.fail_after(timeout):
@@ -492,12 +495,12 @@ async def test_a_websocket_is_refused_cleanly() -> None:
     """vLLM's `/v1/realtime` is a websocket: refused with a close (the server answers the
     handshake 403), not an error."""
     proxy = ModelSwitchMiddleware(registry=StaticRegistry([spec("alpha")]), backend=FakeBackend())
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> MutableMapping[str, Any]:
         return {"type": "websocket.connect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
     scope = {"type": "websocket", "path": "/v1/realtime", "headers": [], "query_string": b""}

@@ -11,6 +11,7 @@ from vllm_chill.scheduler.core import (
     Admit,
     Busy,
     Cut,
+    Effect,
     Hold,
     ModelState,
     Phase,
@@ -38,11 +39,11 @@ def make(**kw: float) -> SwitchCore:
     return SwitchCore(**defaults)  # type: ignore[arg-type]
 
 
-def loads(effects: list) -> list[str]:
+def loads(effects: list[Effect]) -> list[str]:
     return [e.model for e in effects if isinstance(e, StartLoad)]
 
 
-def ready(core: SwitchCore, model: str, now: float) -> list:
+def ready(core: SwitchCore, model: str, now: float) -> list[Effect]:
     """Request `model` from idle (a held request, so no Retry-After promise), finish its
     load at `now`, and finish the released request."""
     decision, effects = core.arrive(model, now - 1, hold=True)
@@ -538,7 +539,7 @@ def test_idle_unload_counts_from_the_end_of_the_last_request() -> None:
     assert StartUnload("a", "idle") in effects
     assert core.phase is Phase.UNLOADING
     core.unload_done(1061.0)
-    assert core.phase is Phase.IDLE and core.active is None
+    assert core.state_of("a", 1061.0) is ModelState.UNLOADED and core.active is None
 
 
 def test_idle_timeout_zero_never_unloads() -> None:

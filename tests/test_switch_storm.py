@@ -152,7 +152,11 @@ class SwitchStorm(RuleBasedStateMachine):
         client.lease = lease
         current = asyncio.current_task()
         assert current is not None
-        lease.on_cut = current.cancel
+
+        def cut() -> None:
+            current.cancel()
+
+        lease.on_cut = cut
         client.outcome = "serving"
         try:
             await client.done.wait()

@@ -839,4 +839,4 @@ async def simulated_cluster(
                 tasks.cancel_scope.cancel()
         finally:
             server.drop_watches()  # the HTTP server waits for open handlers when it stops
-            api_client.close()
+            api_client.close()  # type: ignore[no-untyped-call]

@@ -84,7 +84,7 @@ async def test_an_unreachable_api_is_a_transient_error_without_a_status() -> Non
         assert caught.value.status == 0
         assert caught.value.transient
     finally:
-        api.close()
+        api.close()  # type: ignore[no-untyped-call]
 
 
 def test_the_namespace_defaults_outside_a_pod() -> None:

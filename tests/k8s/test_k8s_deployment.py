@@ -136,7 +136,7 @@ CONTAINER = {"name": "vllm", "args": []}
         ),
         (claimed("other"), "h2", False, 1, "rolling"),
         (claimed("other"), "h2", True, 1, "confirming"),
-        (claimed("other", **{READY_HASH: "h2"}), "h2", True, 1, None),
+        ({**claimed("other"), READY_HASH: "h2"}, "h2", True, 1, None),
         (claimed("other"), "h2", False, 0, None),  # it failed: scaled down
         (claimed("me"), "h2", False, 1, None),  # our own
         ({}, "h2", False, 1, None),  # nobody's

@@ -82,7 +82,7 @@ def waiting(reason: str, message: str = "") -> dict[str, Any]:
     ],
 )
 def test_complete_means_what_kubectl_rollout_status_means(
-    changes: dict[str, int], complete: bool
+    changes: dict[str, Any], complete: bool
 ) -> None:
     assert evaluate(deployment(**changes), []).complete is complete
 

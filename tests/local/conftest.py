@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from local_helpers import LostRecorder, Tracker, standin_command, tracked_processes
 
+from tests.local.local_helpers import LostRecorder, Tracker, standin_command, tracked_processes
 from vllm_chill.backends.local import LocalProcessBackend
 
 

@@ -10,8 +10,8 @@ import anyio
 import httpx
 import openai
 import pytest
-from local_helpers import LostRecorder, Tracker, make_model, standin_command
 
+from tests.local.local_helpers import LostRecorder, Tracker, make_model, standin_command
 from vllm_chill.backends.base import Backend, LoadedModel, LoadError
 from vllm_chill.backends.local import LocalProcessBackend
 

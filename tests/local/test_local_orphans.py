@@ -13,7 +13,8 @@ import sys
 import anyio
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
-from local_helpers import HERE, REPO, Started, standin_command
+
+from tests.local.local_helpers import HERE, REPO, Started, standin_command
 
 pytestmark = pytest.mark.anyio
 

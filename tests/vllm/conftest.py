@@ -8,7 +8,8 @@ Build it once with `python3 scripts/vllm_tier.py` (minutes; cached under
 from __future__ import annotations
 
 import pytest
-from vllm_helpers import Tier, find_tier
+
+from tests.vllm.vllm_helpers import Tier, find_tier
 
 
 @pytest.fixture(scope="session")

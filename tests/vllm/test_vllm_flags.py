@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 import yaml
-from vllm_helpers import REPO, Tier, vllm_side
 
+from tests.vllm.vllm_helpers import REPO, Tier, vllm_side
 from vllm_chill.backends.local_command import DEFAULT_COMMAND, CommandTemplate
 from vllm_chill.model import ModelValidationError, VLLMModel, load_manifests
 

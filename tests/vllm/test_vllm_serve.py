@@ -19,7 +19,8 @@ from typing import Any
 import openai
 import pytest
 import yaml
-from vllm_helpers import (
+
+from tests.vllm.vllm_helpers import (
     VLLM_ENV,
     Proxy,
     Tier,
@@ -123,7 +124,7 @@ def _ensure_loaded(proxy: Proxy, model: str) -> float:
     assert answer.status_code == 503, answer.text
     state, seconds = proxy.wait_state(model, {"loaded", "failed"}, LOAD_TIMEOUT)
     assert state == "loaded", proxy.log()
-    return seconds
+    return float(seconds)
 
 
 def _assert_from_vllm(reply: Any, model: str) -> None:
