@@ -89,13 +89,20 @@ async def measure(requests: int, profile: bool) -> float:
     )
 
     model = VLLMModel.from_spec({"modelName": "org/bench-model", "servedModelName": "bench-model"})
-    app = ModelSwitchMiddleware(
-        registry=StaticRegistry([model]),
-        backend=FakeBackend(preloaded="bench-model"),
-        idle_timeout=0,
-    )
+    parts: dict[str, Any] = {
+        "registry": StaticRegistry([model]),
+        "backend": FakeBackend(preloaded="bench-model"),
+        "idle_timeout": 0,
+    }
+    try:
+        app = ModelSwitchMiddleware(transport=StubUpstream(), **parts)
+        legacy = False
+    except TypeError:  # a --tree from before the `transport=` seam
+        app = ModelSwitchMiddleware(**parts)
+        legacy = True
     async with app.running():
-        app._upstream = StubUpstream()  # type: ignore[assignment]
+        if legacy:
+            app._upstream = StubUpstream()
         for _ in range(requests // 10):  # warm up
             await one_request(app)
         profiler = cProfile.Profile() if profile else None

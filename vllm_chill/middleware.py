@@ -31,7 +31,13 @@ from .redact import mask_secret_args
 from .registry import ModelRegistry
 from .scheduler.core import ModelState
 from .scheduler.switcher import Lease, Switcher, SwitchRefused
-from .upstream import UpstreamAborted, UpstreamClient, UpstreamTimeout, UpstreamUnavailable
+from .upstream import (
+    UpstreamAborted,
+    UpstreamClient,
+    UpstreamTimeout,
+    UpstreamTransport,
+    UpstreamUnavailable,
+)
 
 log = logging.getLogger("vllm_chill.proxy")
 
@@ -179,8 +185,12 @@ class ModelSwitchMiddleware:
         registry: ModelRegistry,
         backend: Backend,
         metrics: Metrics | None = None,
+        transport: UpstreamTransport | None = None,
         **options: Any,
     ) -> None:
+        """`transport` carries requests to the models' servers (default: vllm-chill's own
+        HTTP/1.1 client, made from the options at start-up and closed at shutdown); one given
+        here is used as it is and left open."""
         self.app = app
         self.registry = registry
         self.backend = backend
@@ -192,7 +202,8 @@ class ModelSwitchMiddleware:
         self._api_keys = tuple(_digest(k.encode()) for k in self.options.api_keys)
         admin = self.options.admin_token
         self._admin_keys = (_digest(admin.encode()),) if admin else self._api_keys
-        self._upstream: UpstreamClient | None = None
+        self._transport = transport
+        self._upstream: UpstreamTransport | None = transport
         self._created = int(time.time())
 
     # --- ASGI entry -----------------------------------------------------------------------
@@ -249,13 +260,15 @@ class ModelSwitchMiddleware:
         async with AsyncExitStack() as stack:
             await self.registry.start()
             stack.push_async_callback(self.registry.stop)
-            self._upstream = UpstreamClient(
-                connect_timeout=self.options.upstream_connect_timeout,
-                timeout=self.options.upstream_timeout,
-                upstream_api_key=self.options.upstream_api_key,
-                strip_client_auth=bool(self._api_keys),
-            )
-            stack.push_async_callback(self._upstream.aclose)
+            if self._transport is None:
+                client = UpstreamClient(
+                    connect_timeout=self.options.upstream_connect_timeout,
+                    timeout=self.options.upstream_timeout,
+                    upstream_api_key=self.options.upstream_api_key,
+                    strip_client_auth=bool(self._api_keys),
+                )
+                self._upstream = client
+                stack.push_async_callback(client.aclose)
             tg = await stack.enter_async_context(anyio.create_task_group())
             await tg.start(self.switcher.run)
             log.info(

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import ssl
 import time
-from typing import cast
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -276,6 +276,26 @@ class _Origin:
         self.prefix = parts.path.rstrip("/").encode("latin-1")
         self.host_line = b"host: " + parts.netloc.rpartition("@")[2].encode("idna") + b"\r\n"
         self.idle: list[_Connection] = []
+
+
+class UpstreamTransport(Protocol):
+    """How a request reaches the loaded model's server: the seam for other transports (an
+    in-memory one for tests is `vllm_chill.testing.ASGIUpstream`). `forward` relays the answer
+    through `send` as it arrives and returns its status; before anything was sent it raises
+    `UpstreamUnavailable` or `UpstreamTimeout`, after it `UpstreamAborted`."""
+
+    async def forward(
+        self,
+        scope: Scope,
+        send: Send,
+        *,
+        base_url: str,
+        path: str,
+        body: bytes,
+        extra_headers: tuple[tuple[str, str], ...] = (),
+    ) -> int: ...
+
+    async def aclose(self) -> None: ...
 
 
 class UpstreamClient:

@@ -97,16 +97,17 @@ class Reporter:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        async for job in self._receive:
-            try:
-                await job()
-            except Exception:  # best effort: a failed write must not take the proxy down
-                logger.exception("writing a status or an Event failed")
-            finally:
-                self._pending -= 1
-                if not self._pending and self._idle is not None:
-                    self._idle.set()
-                    self._idle = None
+        with self._send, self._receive:  # closed when the reporter stops: later writes drop
+            async for job in self._receive:
+                try:
+                    await job()
+                except Exception:  # best effort: a failed write must not take the proxy down
+                    logger.exception("writing a status or an Event failed")
+                finally:
+                    self._pending -= 1
+                    if not self._pending and self._idle is not None:
+                        self._idle.set()
+                        self._idle = None
 
     async def flush(self, limit: float = 5.0) -> None:
         """Wait (bounded) until everything queued so far was written; for tests and shutdown."""
