@@ -20,6 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+import vllm_chill
 from vllm_chill.model import (
     API_GROUP,
     API_VERSION,
@@ -483,9 +484,7 @@ def proxy_image() -> str:
 
 
 def test_the_proxy_image_is_ours_and_named_once() -> None:
-    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
-    assert version is not None
-    assert proxy_image() == f"localhost/vllm-chill:{version[1]}"
+    assert proxy_image() == f"localhost/vllm-chill:{vllm_chill.__version__}"
     [container] = cluster_example()["Deployment", "vllm-chill"]["spec"]["template"]["spec"][
         "containers"
     ]
