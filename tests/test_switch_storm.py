@@ -24,7 +24,8 @@ from vllm_chill.backends.base import LoadedModel, LoadError, LostCallback, Progr
 from vllm_chill.metrics import Metrics
 from vllm_chill.options import ProxyOptions
 from vllm_chill.scheduler.core import Phase
-from vllm_chill.scheduler.switcher import Lease, Switcher, SwitchRefused
+from vllm_chill.scheduler.refusals import Refused
+from vllm_chill.scheduler.switcher import Lease, Switcher
 
 MODELS = ("a", "b", "c")
 
@@ -146,8 +147,8 @@ class SwitchStorm(RuleBasedStateMachine):
         """What the middleware does with a request: a slot, the relay, the slot handed back."""
         try:
             lease = await self.switcher.acquire(client.model, hold)
-        except SwitchRefused as refused:
-            client.outcome = refused.kind
+        except Refused as refused:
+            client.outcome = refused.code
             return
         client.lease = lease
         current = asyncio.current_task()

@@ -61,8 +61,3 @@ async def error_response(
         headers.append((b"retry-after", str(retry_after).encode()))
     body = error_body(status, code, message, type_=type_, param=param, **extra)
     await send_response(send, status, body, headers)
-
-
-def loading_message(model: str) -> str:
-    """The sentence clients of the original vllm-chill rely on: kept word for word."""
-    return f"Model '{model}' is currently loading. Please wait and retry in a few moments."

@@ -22,7 +22,7 @@ import anyio.abc
 
 from .asgi import ASGIApp, Message, Receive, Scope, Send, header, send_json, send_text
 from .backends.base import Backend
-from .errors import error_response, loading_message
+from .errors import error_response
 from .extract import BadRequest, model_from_json, model_from_multipart
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .model import VLLMModel
@@ -30,7 +30,8 @@ from .options import ProxyOptions
 from .redact import mask_secret_args
 from .registry import ModelRegistry
 from .scheduler.core import ModelState
-from .scheduler.switcher import Lease, Switcher, SwitchRefused
+from .scheduler.refusals import NotRunning, Refused
+from .scheduler.switcher import Lease, Switcher
 from .upstream import (
     UpstreamAborted,
     UpstreamClient,
@@ -472,7 +473,7 @@ class ModelSwitchMiddleware:
         try:
             try:
                 lease = await self.switcher.acquire(name, self.options.max_wait, _peer(scope))
-            except SwitchRefused as refused:
+            except Refused as refused:
                 await self._refused(exchange.send, refused)
                 status = 503
             else:
@@ -595,48 +596,17 @@ class ModelSwitchMiddleware:
 
     # --- answers --------------------------------------------------------------------------
 
-    async def _refused(self, send: Send, refused: SwitchRefused) -> None:
-        name = refused.model
-        if refused.kind == "loading":
-            phase, elapsed = self.switcher.load_progress(name)
-            await error_response(
-                send,
-                503,
-                "model_switching_in_progress",
-                loading_message(name),
-                type_="model_loading",
-                retry_after=refused.retry_after,
-                model=name,
-                phase=phase,
-                elapsed_seconds=round(elapsed, 1),
-                estimated_seconds_remaining=refused.retry_after,
-            )
-        elif refused.kind == "failed":
-            await error_response(
-                send,
-                503,
-                "model_switch_failed",
-                f"Model '{name}' failed to load: {refused.reason}",
-                retry_after=refused.retry_after,
-                model=name,
-            )
-        elif refused.kind == "too_many_waiting":
-            await error_response(
-                send,
-                503,
-                "too_many_waiting",
-                f"Too many requests are waiting for models to load; retry model '{name}' later.",
-                retry_after=refused.retry_after,
-                model=name,
-            )
-        else:
-            await error_response(
-                send,
-                503,
-                "not_ready",
-                "vllm-chill is not running (was ASGI lifespan started?).",
-                retry_after=refused.retry_after,
-            )
+    async def _refused(self, send: Send, refused: Refused) -> None:
+        """Every refusal of the switcher, answered the one way."""
+        await error_response(
+            send,
+            refused.status,
+            refused.code,
+            refused.message,
+            type_=refused.error_type,
+            retry_after=refused.retry_after,
+            **refused.details,
+        )
 
     async def _model_not_found(self, send: Send, name: str) -> None:
         await error_response(
@@ -763,7 +733,7 @@ class ModelSwitchMiddleware:
             await self._admin_switch(scope, receive, send)
         elif path == "/proxy/unload" and method == "POST":
             if not self.switcher.running:
-                await self._refused(send, SwitchRefused("not_running", "", 5))
+                await self._refused(send, NotRunning())
             elif self.switcher.request_unload():
                 await send_json(send, 202, b'{"status":"unloading"}')
             else:
@@ -791,7 +761,7 @@ class ModelSwitchMiddleware:
             await self._model_not_found(send, name)
             return
         if not self.switcher.running:
-            await self._refused(send, SwitchRefused("not_running", name, 5))
+            await self._refused(send, NotRunning(name))
             return
         state = self.switcher.request_switch(name)
         status = 200 if state is ModelState.LOADED else 202

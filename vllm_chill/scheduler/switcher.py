@@ -39,22 +39,12 @@ from .core import (
     SwitchCore,
     TooMany,
 )
+from .refusals import LoadFailed, ModelLoading, NotRunning, TooManyWaiting
 
 log = logging.getLogger("vllm_chill.switch")
 
 #: Longest an unload may take before it is reported as failed (the state still moves on).
 UNLOAD_TIMEOUT = 120.0
-
-
-class SwitchRefused(Exception):
-    """The request cannot be served now; `kind` picks the error the client gets."""
-
-    def __init__(self, kind: str, model: str, retry_after: int, reason: str = "") -> None:
-        self.kind = kind  # "loading", "failed", "too_many_waiting", "not_running"
-        self.model = model
-        self.retry_after = retry_after
-        self.reason = reason
-        super().__init__(f"{kind}: {model}")
 
 
 @dataclass(eq=False, slots=True)
@@ -172,10 +162,10 @@ class Switcher:
     # --- the request path -----------------------------------------------------------------
 
     async def acquire(self, model: str, hold: float, client: str | None = None) -> Lease:
-        """An in-flight slot on `model` once it is ready, or `SwitchRefused` saying why not.
+        """An in-flight slot on `model` once it is ready, or a `Refused` saying why not.
         `client` (the caller's address) lets a 503's promise be kept per client."""
         if not self.running:
-            raise SwitchRefused("not_running", model, 5, "the proxy is not running")
+            raise NotRunning(model)
         decision, effects = self.core.arrive(model, self.clock(), hold=hold > 0, client=client)
         if type(decision) is Admit:
             if effects:  # the common case has none, and no deadline moved earlier
@@ -185,11 +175,11 @@ class Switcher:
         if isinstance(decision, Hold):
             return await self._hold(model, decision.waiter, hold, client)
         if isinstance(decision, Busy):
-            raise SwitchRefused("loading", model, decision.retry_after)
+            raise self._loading(model, decision.retry_after)
         if isinstance(decision, Refuse):
-            raise SwitchRefused("failed", model, decision.retry_after, decision.reason)
+            raise LoadFailed(model, decision.retry_after, decision.reason)
         if isinstance(decision, TooMany):
-            raise SwitchRefused("too_many_waiting", model, decision.retry_after)
+            raise TooManyWaiting(model, decision.retry_after)
         raise AssertionError(decision)
 
     async def _hold(self, model: str, waiter_id: int, hold: float, client: str | None) -> Lease:
@@ -212,9 +202,9 @@ class Switcher:
         if waiter.lease is not None:
             return waiter.lease
         if waiter.outcome == "rejected":
-            raise SwitchRefused("failed", model, 1, waiter.reason)
+            raise LoadFailed(model, 1, waiter.reason)
         self._forget(model, waiter_id)
-        raise SwitchRefused("loading", model, self.core.promise(model, self.clock(), client))
+        raise self._loading(model, self.core.promise(model, self.clock(), client))
 
     def _forget(self, model: str, waiter_id: int) -> None:
         self._waiters.pop(waiter_id, None)
@@ -225,7 +215,7 @@ class Switcher:
         gone in the meantime — that count handed back and a 503."""
         lease = self._make_lease(model)
         if lease is None:
-            raise SwitchRefused("loading", model, self.core.promise(model, self.clock()))
+            raise self._loading(model, self.core.promise(model, self.clock()))
         return lease
 
     def _make_lease(self, model: str) -> Lease | None:
@@ -435,13 +425,16 @@ class Switcher:
     def state_of(self, model: str) -> ModelState:
         return self.core.state_of(model, self.clock())
 
-    def load_progress(self, model: str) -> tuple[str, float]:
-        """What the load of `model` is doing and for how long, for 503 bodies (answered often
-        during a load, so this reads the core directly instead of building `status()`)."""
+    def _loading(self, model: str, retry_after: int) -> ModelLoading:
+        """The 503 for a model not serving yet, with what its load is doing and for how long
+        (answered often during a load, so this reads the core directly)."""
         core = self.core
         if core.active != model:
-            return "queued", 0.0
-        return self.progress or core.phase.value, self.clock() - core.phase_since
+            return ModelLoading(model, retry_after, phase="queued", elapsed=0.0)
+        phase = self.progress or core.phase.value
+        return ModelLoading(
+            model, retry_after, phase=phase, elapsed=self.clock() - core.phase_since
+        )
 
     def status(self) -> dict[str, Any]:
         core = self.core
