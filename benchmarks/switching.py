@@ -7,8 +7,8 @@ Three measurements, each against the real proxy (`ModelSwitchMiddleware` with it
 in front of simulated vLLM servers on loopback that take a set time to load:
 
 (a) one user, A -> B -> A: from the first request for the new model to its first answer,
-    minus the load time, for a client held by the proxy (`max_wait`) and for one that retries
-    every 100 ms after a 503;
+    minus the load time, for a client held by the proxy (`max_wait`), one that retries every
+    100 ms after a 503, and one that sleeps each Retry-After;
 (b) two clients alternating for 60 s, each wanting its own model continuously and retrying
     after exactly the Retry-After it was given (as the official openai client does): number
     of switches, serving fraction (share of the wall clock with a model serving) and the
@@ -26,7 +26,7 @@ import asyncio
 import statistics
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,18 +60,28 @@ class Timeline:
 
 
 @asynccontextmanager
-async def proxy(load_time: float, **options: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+async def proxy(
+    load_time: float, users: int = 1, **options: Any
+) -> AsyncIterator[tuple[list[httpx.AsyncClient], Any]]:
+    """The proxy in front of simulated servers; one HTTP client per user, each from an address
+    of its own (the proxy tells users apart by address)."""
     app = ModelSwitchMiddleware(
         registry=StaticRegistry(spec(m) for m in MODELS),
         backend=SimBackend(load_time=load_time, tokens_per_second=0),
         **options,
     )
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.running(),
-        httpx.AsyncClient(transport=transport, base_url="http://proxy", timeout=120) as http,
-    ):
-        yield http, app
+    async with app.running(), AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=app, client=(f"10.0.0.{i + 1}", 40000)),
+                    base_url="http://proxy",
+                    timeout=120,
+                )
+            )
+            for i in range(users)
+        ]
+        yield clients, app
 
 
 async def until_answered(
@@ -95,9 +105,10 @@ async def single_user(load_time: float) -> dict[str, float]:
     results: dict[str, float] = {}
     for label, options, poll in (
         ("held", {"max_wait": 60.0}, None),
-        ("polling", {}, 0.1),
+        ("retrying every 100 ms", {}, 0.1),
+        ("sleeping each Retry-After (the openai client)", {}, None),
     ):
-        async with proxy(load_time, **options) as (http, _):
+        async with proxy(load_time, **options) as ([http], _):
             for model in MODELS:  # learn the load times
                 await until_answered(http, model, poll=0.05)
             switches = [
@@ -127,8 +138,8 @@ async def sample(app: Any, timeline: Timeline, stop: asyncio.Event) -> None:
 
 
 async def alternating(load_time: float, seconds: float) -> dict[str, Any]:
-    async with proxy(load_time) as (http, app):
-        for model in MODELS:  # learn the load times
+    async with proxy(load_time, users=len(MODELS)) as (clients, app):
+        for http, model in zip(clients, MODELS, strict=True):  # learn the load times
             await until_answered(http, model, poll=0.05)
         timeline = Timeline()
         stop = asyncio.Event()
@@ -137,7 +148,7 @@ async def alternating(load_time: float, seconds: float) -> dict[str, Any]:
 
         started = time.monotonic()
 
-        async def user(model: str) -> None:
+        async def user(http: httpx.AsyncClient, model: str) -> None:
             while time.monotonic() - started < seconds:
                 took, refused = await until_answered(http, model, poll=None)
                 if refused:
@@ -146,7 +157,7 @@ async def alternating(load_time: float, seconds: float) -> dict[str, Any]:
                 await asyncio.sleep(0.05)  # continuous use: the next request right away
 
         sampler = asyncio.create_task(sample(app, timeline, stop))
-        await asyncio.gather(*(user(m) for m in MODELS))
+        await asyncio.gather(*(user(h, m) for h, m in zip(clients, MODELS, strict=True)))
         elapsed = time.monotonic() - started
         stop.set()
         await sampler

@@ -207,6 +207,19 @@ def test_a_request_after_the_window_queues_behind_the_waiting_model() -> None:
     assert core.phase is Phase.DRAINING and core.target == "b"
 
 
+def test_retry_after_for_the_user_who_moves_on_is_the_load_not_the_window() -> None:
+    """One user done with a asks for b: told about b's load, not a's serving window. Another
+    user asking for b while a's user is still at it is told about the window too."""
+    core = make(min_residency=5.0, quiet_gap=0.5)
+    core.durations["b"] = __import__("collections").deque([1.0])
+    ready(core, "a", 10.0)
+    assert core.arrive("a", 10.1, hold=False, client="10.0.0.1")[0] == Admit()
+    core.finish("a", 10.2)
+    other = core.retry_after("b", 10.3, "10.0.0.2")
+    assert core.arrive("b", 10.3, hold=False, client="10.0.0.1")[0] == Busy(retry_after=2)
+    assert other == 6  # the rest of a's window (to 15), then b's 1 s load
+
+
 def test_the_serving_window_grows_with_the_load_time() -> None:
     core = make(min_residency=5.0)
     decision, _ = core.arrive("a", 0.0, hold=True)

@@ -194,6 +194,8 @@ class SwitchCore:
     ready_at: float = 0.0
     serve_until: float = 0.0
     last_used: float = -math.inf
+    #: The address of the last client of the active model, when known.
+    last_user: str | None = None
     #: READY with a queue: when the switch may commit (kept for `next_deadline`).
     switch_at: float = math.inf
     drain_deadline: float = math.inf
@@ -248,7 +250,7 @@ class SwitchCore:
             return expected - elapsed
         return max(RETRY_FLOOR, OVERRUN_RETRY_SHARE * elapsed)
 
-    def retry_after(self, model: str, now: float) -> int:
+    def retry_after(self, model: str, now: float, client: str | None = None) -> int:
         """Seconds until `model` is expected to serve: what is left of the current phase, the
         models ahead of it (each loaded, and served for a window if somebody waits for it),
         then its own load."""
@@ -265,7 +267,7 @@ class SwitchCore:
         elif phase is _READY and active is not None:
             if model == active:
                 return 1
-            left = max(self._expected_switch(now) - now, 0.0)
+            left = max(self._expected_switch(now, client) - now, 0.0)
         elif phase is Phase.DRAINING:
             left = self.unload_estimate()
         elif phase is Phase.UNLOADING:
@@ -301,6 +303,7 @@ class SwitchCore:
         """A request for `model` (known to the registry) arrived from `client` (its address,
         when known: it is what tells a client coming back from a new one)."""
         if self.phase is _READY and model == self.active:
+            self.last_user = client
             if not self.queue and not self.promises:  # the common case: nothing to weigh
                 self.inflight[model] = self.inflight.get(model, 0) + 1
                 return _ADMIT, []
@@ -333,7 +336,7 @@ class SwitchCore:
         """The Retry-After for a 503 answered now to `client`. Remembered until that client
         comes back or the promised time plus a grace passes: a model that loads keeps serving
         until its promised clients returned (rule 5)."""
-        seconds = self.retry_after(model, now)
+        seconds = self.retry_after(model, now, client)
         pending = self.promises.get(model)
         if pending is None:
             pending = self.promises[model] = OrderedDict()
@@ -509,6 +512,7 @@ class SwitchCore:
         self.ready_at = now
         self.serve_until = now + window
         self.last_used = now  # whoever it was loaded for is about to use it
+        self.last_user = None
         self.switch_at = math.inf
 
     def _expected_window(self, model: str) -> float:
@@ -546,12 +550,16 @@ class SwitchCore:
             return 0.0
         return min(latest, self.ready_at + MAX_PROMISE_HOLD)
 
-    def _expected_switch(self, now: float) -> float:
-        """When a switch away from the ready active model is expected: like `_hold_until`,
-        except that a model used within the quiet gap is expected to stay in use for its
-        whole window (a Retry-After assumes its users carry on)."""
+    def _expected_switch(self, now: float, client: str | None) -> float:
+        """When a switch away from the ready active model is expected, as `client` asks for
+        another: like `_hold_until`, except that a model someone else used within the quiet
+        gap is expected to stay in use for its whole window (a Retry-After assumes its users
+        carry on). The client that used it last is moving on: its switch comes at once."""
         active = self.active or ""
-        if self.inflight.get(active) or now < self.last_used + self.quiet_gap:
+        in_use = self.inflight.get(active) or (
+            now < self.last_used + self.quiet_gap and (client is None or client != self.last_user)
+        )
+        if in_use:
             return max(self.serve_until, self._promised_until(active, now))
         return self._hold_until(now)
 
