@@ -52,6 +52,7 @@ import httpx
 from anyio.abc import Process, TaskGroup
 
 from ..model import VLLMModel
+from ..redact import SECRET_FLAG
 from .base import LoadedModel, LoadError, LostCallback, ProgressCallback
 from .local_command import DEFAULT_COMMAND, CommandTemplate
 
@@ -71,9 +72,6 @@ POLL_MAX = 0.25
 MAX_LINE = 16 * 1024
 #: Progress bars (tqdm) redraw with a carriage return; each redraw is a line of its own.
 _LINE_BREAK = re.compile(rb"\r\n|[\r\n]")
-#: Flags whose value is a secret (`--api-key`, `--hf-token`; not `--max-num-batched-tokens`):
-#: the value is masked in logs and in load-failure reasons.
-_SECRET_FLAG = re.compile(r"^--?(?:\w+[-_])*(?:key|token|secret|password)$", re.IGNORECASE)
 #: Environment variables whose value is a secret (`HF_TOKEN`, `OPENAI_API_KEY`).
 _SECRET_ENV = re.compile(r"(?:^|_)(?:KEY|TOKEN|SECRET|PASSWORD)$", re.IGNORECASE)
 MIN_ENV_SECRET = 8
@@ -529,7 +527,7 @@ def _secret_values(argv: list[str]) -> set[str]:
     secrets: set[str] = set()
     for index, word in enumerate(argv):
         flag, has_value, value = word.partition("=")
-        if not _SECRET_FLAG.match(flag):
+        if not SECRET_FLAG.match(flag):  # masked in logs and load-failure reasons
             continue
         if has_value:
             secrets.add(value)

@@ -214,6 +214,7 @@ class SwitchCore:
     unload_durations: deque[float] = field(default_factory=lambda: deque(maxlen=DURATION_SAMPLES))
     last_switch: SwitchRecord | None = None
     _next_waiter: int = 0
+    _next_anonymous: int = 0
 
     # --- queries --------------------------------------------------------------------------
 
@@ -342,7 +343,7 @@ class SwitchCore:
             pending = self.promises[model] = OrderedDict()
         key: object = client
         if client is None:
-            key = self._next_waiter = self._next_waiter + 1  # unknown: each its own client
+            key = self._next_anonymous = self._next_anonymous + 1  # unknown: each its own
         pending.pop(key, None)
         pending[key] = (now + seconds, now + seconds + PROMISE_GRACE)
         if len(pending) > MAX_PROMISES:
