@@ -1,4 +1,4 @@
-"""The aiohttp upstream client that vllm-chill used before its own (vllm_chill/upstream.py),
+"""The aiohttp upstream client that vllm-chill used before its own (vllm_chill/http/_upstream.py),
 kept behind the same small interface so that the benchmark can compare them under the same
 load (`python benchmarks/run.py --variants native,aiohttp,httpx`). Benchmark-only code.
 """
@@ -10,10 +10,10 @@ import logging
 import aiohttp
 from yarl import URL
 
-from vllm_chill.asgi import Scope, Send
-from vllm_chill.upstream import HOP_BY_HOP, UpstreamUnavailable
+from vllm_chill.http._asgi import Scope, Send
+from vllm_chill.http._upstream import HOP_BY_HOP, UpstreamUnavailable
 
-log = logging.getLogger("vllm_chill.upstream")
+log = logging.getLogger("vllm_chill.http._upstream")
 
 _DROP_FROM_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 _DROP_FROM_RESPONSE = HOP_BY_HOP | {b"date", b"server"}

@@ -1,5 +1,5 @@
 """The httpx upstream client that vllm-chill used before aiohttp, kept behind the same small
-interface as `vllm_chill.upstream.UpstreamClient` so that the benchmark can compare the two
+interface as `vllm_chill.http._upstream.UpstreamClient` so that the benchmark can compare the two
 under the same load (`python benchmarks/run.py --variants aiohttp,httpx`). Benchmark-only code.
 """
 
@@ -9,10 +9,10 @@ import logging
 
 import httpx
 
-from vllm_chill.asgi import Scope, Send
-from vllm_chill.upstream import HOP_BY_HOP, UpstreamUnavailable
+from vllm_chill.http._asgi import Scope, Send
+from vllm_chill.http._upstream import HOP_BY_HOP, UpstreamUnavailable
 
-log = logging.getLogger("vllm_chill.upstream")
+log = logging.getLogger("vllm_chill.http._upstream")
 
 _DROP_FROM_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 _DROP_FROM_RESPONSE = HOP_BY_HOP | {b"date", b"server"}

@@ -34,8 +34,8 @@ from typing import Any
 import httpx
 
 from vllm_chill import ModelSwitchMiddleware, StaticRegistry, VLLMModel
-from vllm_chill.backends.sim import SimBackend
-from vllm_chill.scheduler.core import Phase
+from vllm_chill.backends.sim._backend import SimBackend
+from vllm_chill.scheduler._core import Phase
 
 MARK_START = "<!-- switching-results:start (written by benchmarks/switching.py) -->"
 MARK_END = "<!-- switching-results:end -->"

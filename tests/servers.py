@@ -10,7 +10,7 @@ from typing import Literal
 import anyio
 import uvicorn
 
-from vllm_chill.asgi import ASGIApp
+from vllm_chill.http._asgi import ASGIApp
 
 
 class _Embedded(uvicorn.Server):

@@ -26,8 +26,8 @@ from anyio.streams.text import TextReceiveStream
 from kubernetes import client as k8s_client
 
 from tests.k8s.cluster import model_manifest, simulated_cluster
-from vllm_chill.envapp import EnvConfiguredApp
-from vllm_chill.factory import build_middleware
+from vllm_chill._build import build_middleware
+from vllm_chill._envapp import EnvConfiguredApp
 from vllm_chill.settings import parse_settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -386,7 +386,7 @@ def test_importing_has_no_side_effects() -> None:
     code = textwrap.dedent(
         """
         import sys, threading
-        import vllm_chill, vllm_chill.envapp
+        import vllm_chill, vllm_chill._envapp
         app = vllm_chill.app
         assert type(app).__name__ == "EnvConfiguredApp", app
         assert threading.active_count() == 1, threading.enumerate()
@@ -401,7 +401,7 @@ def test_the_sim_backend_does_not_import_kubernetes(models_dir: Path) -> None:
     code = textwrap.dedent(
         f"""
         import sys
-        from vllm_chill.factory import build_middleware
+        from vllm_chill._build import build_middleware
         from vllm_chill.settings import parse_settings
         app = build_middleware(parse_settings(["--backend=sim", "--models={models_dir}"], {{}}))
         assert type(app.backend).__name__ == "SimBackend"

@@ -16,9 +16,9 @@ import anyio
 import pytest
 
 from vllm_chill import file_registry
-from vllm_chill.file_registry import FileRegistry, read_models
-from vllm_chill.model import API_VERSION, KIND, ModelValidationError
-from vllm_chill.registry import ModelRegistry
+from vllm_chill._model import API_VERSION, KIND, ModelValidationError
+from vllm_chill.registries._base import ModelRegistry
+from vllm_chill.registries._files import FileRegistry, read_models
 
 # Generous: a reload normally lands ~0.1 s after the write.
 TIMEOUT = 15
@@ -86,7 +86,7 @@ class Warnings(logging.Handler):
 @pytest.fixture
 def warnings() -> Iterator[Warnings]:
     handler = Warnings()
-    logger = logging.getLogger("vllm_chill.file_registry")
+    logger = logging.getLogger("vllm_chill.registries._files")
     logger.addHandler(handler)
     try:
         yield handler

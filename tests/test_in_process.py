@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from vllm_chill import ModelSwitchMiddleware, StaticRegistry, VLLMModel
-from vllm_chill.sim.app import SimApp
+from vllm_chill.backends.sim._app import SimApp
 from vllm_chill.testing import ASGIUpstream, FakeBackend
 
 pytestmark = pytest.mark.anyio

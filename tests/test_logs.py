@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vllm_chill.logs import configure_logging
+from vllm_chill.observability._logs import configure_logging
 
 _LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.access", "httpx")
 

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 import vllm_chill
-from vllm_chill.model import (
+from vllm_chill._model import (
     API_GROUP,
     API_VERSION,
     FIELDS,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_chill.model import (
+from vllm_chill._model import (
     API_VERSION,
     FIELDS,
     KIND,

@@ -19,8 +19,8 @@ import pytest
 from tests.reliability.helpers import proxy_stack
 from tests.servers import serve
 from vllm_chill import FakeBackend, ModelSwitchMiddleware, StaticRegistry, VLLMModel
-from vllm_chill.backends.sim import SimBackend
-from vllm_chill.sim.server import SimModelServer
+from vllm_chill.backends.sim._backend import SimBackend
+from vllm_chill.backends.sim._server import SimModelServer
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,7 @@ import pytest
 
 from tests.servers import serve
 from vllm_chill import FakeBackend, ModelSwitchMiddleware, StaticRegistry, VLLMModel
-from vllm_chill.sim.server import SimModelServer
+from vllm_chill.backends.sim._server import SimModelServer
 
 pytestmark = pytest.mark.anyio
 

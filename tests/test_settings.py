@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_chill.options import ProxyOptions
+from vllm_chill._options import ProxyOptions
 from vllm_chill.settings import (
     OPTIONS,
     Settings,

@@ -9,9 +9,9 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
-from vllm_chill.backends.base import Backend, LoadedModel, LoadError
-from vllm_chill.backends.sim import SimBackend
-from vllm_chill.model import VLLMModel
+from vllm_chill._model import VLLMModel
+from vllm_chill.backends._base import Backend, LoadedModel, LoadError
+from vllm_chill.backends.sim._backend import SimBackend
 
 pytestmark = pytest.mark.anyio
 

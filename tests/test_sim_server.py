@@ -20,7 +20,7 @@ import pytest
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
-from vllm_chill.sim import SimModelServer
+from vllm_chill.backends.sim import SimModelServer
 
 pytestmark = pytest.mark.anyio
 
@@ -343,7 +343,7 @@ async def wait_healthy(url: str, process: anyio.abc.Process) -> None:
 def sim_command(port: int, *extra: str) -> list[str]:
     # Shaped like the local backend's template, with vLLM flags the simulator must ignore.
     return [
-        sys.executable, "-m", "vllm_chill.sim", "org/Some-Model",
+        sys.executable, "-m", "vllm_chill.backends.sim", "org/Some-Model",
         "--served-model-name", "some-model", "--dtype", "auto", "--enable-prefix-caching",
         "--tensor-parallel-size", "1", "--max-model-len", "4096",
         "--sim-load-time", "200ms", "--sim-tokens-per-second", "0",

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from vllm_chill.scheduler.core import (
+from vllm_chill.scheduler._core import (
     DEFAULT_LOAD_ESTIMATE,
     Admit,
     Busy,

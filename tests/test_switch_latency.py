@@ -19,10 +19,10 @@ import pytest
 
 from tests.local.local_helpers import make_model, standin_command
 from tests.reliability.helpers import proxy_stack, spec
-from vllm_chill.backends.base import Backend
-from vllm_chill.backends.local import LocalProcessBackend
-from vllm_chill.backends.sim import SimBackend
-from vllm_chill.model import VLLMModel
+from vllm_chill._model import VLLMModel
+from vllm_chill.backends._base import Backend
+from vllm_chill.backends.local._backend import LocalProcessBackend
+from vllm_chill.backends.sim._backend import SimBackend
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

@@ -20,12 +20,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from vllm_chill import StaticRegistry, VLLMModel
-from vllm_chill.backends.base import LoadedModel, LoadError, LostCallback, ProgressCallback
-from vllm_chill.metrics import Metrics
-from vllm_chill.options import ProxyOptions
-from vllm_chill.scheduler.core import Phase
-from vllm_chill.scheduler.refusals import Refused
-from vllm_chill.scheduler.switcher import Lease, Switcher
+from vllm_chill._options import ProxyOptions
+from vllm_chill.backends._base import LoadedModel, LoadError, LostCallback, ProgressCallback
+from vllm_chill.observability._metrics import Metrics
+from vllm_chill.scheduler._core import Phase
+from vllm_chill.scheduler._refusals import Refused
+from vllm_chill.scheduler._switcher import Lease, Switcher
 
 MODELS = ("a", "b", "c")
 

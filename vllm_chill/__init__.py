@@ -6,46 +6,39 @@ dependencies (Kubernetes, processes, the simulator) are imported on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .backends.base import Backend, LoadedModel, LoadError
-from .backends.fake import FakeBackend
-from .middleware import ModelSwitchMiddleware
-from .model import ModelValidationError, VLLMModel, load_manifests
-from .options import ProxyOptions
-from .registry import ModelRegistry, StaticRegistry
+from vllm_chill._lazy import lazy_getattr
+from vllm_chill._model import ModelValidationError, VLLMModel, load_manifests
+from vllm_chill._options import ProxyOptions
+from vllm_chill.backends import Backend, LoadedModel, LoadError
+from vllm_chill.backends._fake import FakeBackend
+from vllm_chill.http._upstream import UpstreamTransport
+from vllm_chill.middleware import ModelSwitchMiddleware
+from vllm_chill.registries import ModelRegistry, StaticRegistry
 
 if TYPE_CHECKING:
-    from .backends.local import LocalProcessBackend
-    from .backends.sim import SimBackend
-    from .envapp import EnvConfiguredApp
-    from .file_registry import FileRegistry
-    from .k8s.backend import K8sDeploymentBackend
-    from .k8s.crd_registry import CRDRegistry
+    from vllm_chill._envapp import EnvConfiguredApp
+    from vllm_chill.backends.kubernetes import K8sDeploymentBackend
+    from vllm_chill.backends.local import LocalProcessBackend
+    from vllm_chill.backends.sim import SimBackend
+    from vllm_chill.registries import CRDRegistry, FileRegistry
 
     app: EnvConfiguredApp
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "SimBackend": ("vllm_chill.backends.sim", "SimBackend"),
-    "LocalProcessBackend": ("vllm_chill.backends.local", "LocalProcessBackend"),
-    "K8sDeploymentBackend": ("vllm_chill.k8s.backend", "K8sDeploymentBackend"),
-    "CRDRegistry": ("vllm_chill.k8s.crd_registry", "CRDRegistry"),
-    "FileRegistry": ("vllm_chill.file_registry", "FileRegistry"),
-    "app": ("vllm_chill.envapp", "app"),
-}
-
-
-def __getattr__(name: str) -> Any:
-    target = _LAZY.get(name)
-    if target is None:
-        raise AttributeError(f"module 'vllm_chill' has no attribute {name!r}")
-    value = getattr(importlib.import_module(target[0]), target[1])
-    globals()[name] = value
-    return value
-
+__getattr__ = lazy_getattr(
+    __name__,
+    {
+        "SimBackend": "vllm_chill.backends.sim",
+        "LocalProcessBackend": "vllm_chill.backends.local",
+        "K8sDeploymentBackend": "vllm_chill.backends.kubernetes",
+        "CRDRegistry": "vllm_chill.registries",
+        "FileRegistry": "vllm_chill.registries",
+        "app": "vllm_chill._envapp",
+    },
+)
 
 __all__ = [
     "Backend",
@@ -62,6 +55,7 @@ __all__ = [
     "ProxyOptions",
     "SimBackend",
     "StaticRegistry",
+    "UpstreamTransport",
     "VLLMModel",
     "app",
     "load_manifests",

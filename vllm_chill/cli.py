@@ -20,12 +20,12 @@ from types import FrameType
 
 import uvicorn
 
-from . import __version__
-from .factory import build_middleware
-from .file_registry import read_models
-from .logs import configure_logging
-from .model import ModelValidationError
-from .settings import (
+from vllm_chill import __version__
+from vllm_chill._build import build_middleware
+from vllm_chill._model import ModelValidationError
+from vllm_chill.observability._logs import configure_logging
+from vllm_chill.registries._files import read_models
+from vllm_chill.settings import (
     Parser,
     Settings,
     SettingsError,
@@ -70,7 +70,7 @@ def _parser() -> Parser:
     check.add_argument("paths", nargs="+", metavar="PATH")
     commands.add_parser(
         "sim-server",
-        help="run one simulated vLLM server (python -m vllm_chill.sim; see its --help)",
+        help="run one simulated vLLM server (python -m vllm_chill.backends.sim; see its --help)",
         add_help=False,
     )
     return parser
@@ -79,7 +79,7 @@ def _parser() -> Parser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "sim-server":  # its flags are vLLM's, parsed by the simulator
-        from .sim.__main__ import main as sim_main  # noqa: PLC0415 - only for this command
+        from vllm_chill.backends.sim.__main__ import main as sim_main  # noqa: PLC0415 - only for this command
 
         return sim_main(args[1:])
     try:

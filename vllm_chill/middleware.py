@@ -20,25 +20,34 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from .asgi import ASGIApp, Message, Receive, Scope, Send, header, send_json, send_text
-from .backends.base import Backend
-from .errors import error_response
-from .extract import BadRequest, model_from_json, model_from_multipart
-from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .model import VLLMModel
-from .options import ProxyOptions
-from .redact import mask_secret_args
-from .registry import ModelRegistry
-from .scheduler.core import ModelState
-from .scheduler.refusals import NotRunning, Refused
-from .scheduler.switcher import Lease, Switcher
-from .upstream import (
+from vllm_chill._model import VLLMModel
+from vllm_chill._options import ProxyOptions
+from vllm_chill.backends._base import Backend
+from vllm_chill.http._asgi import (
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    header,
+    send_json,
+    send_text,
+)
+from vllm_chill.http._errors import error_response
+from vllm_chill.http._extract import BadRequest, model_from_json, model_from_multipart
+from vllm_chill.http._upstream import (
     UpstreamAborted,
     UpstreamClient,
     UpstreamTimeout,
     UpstreamTransport,
     UpstreamUnavailable,
 )
+from vllm_chill.observability._metrics import CONTENT_TYPE_LATEST, Metrics
+from vllm_chill.observability._redact import mask_secret_args
+from vllm_chill.registries._base import ModelRegistry
+from vllm_chill.scheduler._core import ModelState
+from vllm_chill.scheduler._refusals import NotRunning, Refused
+from vllm_chill.scheduler._switcher import Lease, Switcher
 
 log = logging.getLogger("vllm_chill.proxy")
 

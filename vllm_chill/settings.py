@@ -27,8 +27,8 @@ from urllib.parse import urlsplit
 
 import pytimeparse2
 
-from .backends.local_command import DEFAULT_COMMAND, CommandTemplate
-from .options import DEFAULT_IMAGE_PULL_GRACE, DEFAULT_UNSCHEDULABLE_GRACE, ProxyOptions
+from vllm_chill._options import DEFAULT_IMAGE_PULL_GRACE, DEFAULT_UNSCHEDULABLE_GRACE, ProxyOptions
+from vllm_chill.backends.local._command import DEFAULT_COMMAND, CommandTemplate
 
 ENV_PREFIX = "VLLM_CHILL_"
 #: Where Kubernetes mounts the pod's namespace (the default for `--namespace`).

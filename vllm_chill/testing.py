@@ -3,7 +3,7 @@
 - `FakeBackend`: loads take the time (and fail with the reason) a test sets.
 - `ASGIUpstream`: a transport for `ModelSwitchMiddleware(transport=...)` that hands each request
   to an ASGI app in the same process instead of opening a connection — for example a
-  `vllm_chill.sim.app.SimApp` per model — so a whole proxy runs inside a test's event loop,
+  `vllm_chill.backends.sim.SimApp` per model — so a whole proxy runs inside a test's event loop,
   driven through `httpx.ASGITransport`.
 """
 
@@ -14,9 +14,9 @@ from urllib.parse import unquote
 
 import anyio
 
-from .asgi import ASGIApp, Message, Scope, Send
-from .backends.fake import FakeBackend
-from .upstream import HOP_BY_HOP, UpstreamAborted, UpstreamUnavailable
+from vllm_chill.backends._fake import FakeBackend
+from vllm_chill.http._asgi import ASGIApp, Message, Scope, Send
+from vllm_chill.http._upstream import HOP_BY_HOP, UpstreamAborted, UpstreamUnavailable
 
 __all__ = ["ASGIUpstream", "FakeBackend"]
 

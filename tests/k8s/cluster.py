@@ -48,8 +48,8 @@ import kmock
 from anyio.abc import TaskGroup, TaskStatus
 from kubernetes import client as k8s_client
 
-from vllm_chill.model import API_GROUP, API_VERSION, KIND, PLURAL
-from vllm_chill.sim.server import SimModelServer
+from vllm_chill._model import API_GROUP, API_VERSION, KIND, PLURAL
+from vllm_chill.backends.sim._server import SimModelServer
 
 from .emulator import CONFIGMAPS, DEPLOYMENTS, PODS, ApiServer, now_iso
 
@@ -730,7 +730,8 @@ class Cluster:
         return self.server.items(PODS, self.namespace)
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        """Wait until `predicate()` holds, re-checking on every change the API server stores."""
+        """Wait until `predicate()` holds, re-checking on every change the API server stores,
+        and every 50 ms for what is not a stored change (a request it answered, say)."""
         with anyio.fail_after(timeout):
             while not predicate():
                 changed = anyio.Event()
@@ -740,7 +741,8 @@ class Cluster:
 
                 self.server.on_change.append(wake)
                 try:
-                    await changed.wait()
+                    with anyio.move_on_after(0.05):
+                        await changed.wait()
                 finally:
                     self.server.on_change.remove(wake)
 

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from kubernetes import client as k8s_client
 
-from vllm_chill.k8s import load_api_client, namespace_from_pod
-from vllm_chill.k8s.api import ApiError, call
+from vllm_chill.backends.kubernetes import load_api_client, namespace_from_pod
+from vllm_chill.backends.kubernetes._api import ApiError, call
 
 from .cluster import simulated_cluster
 from .emulator import DEPLOYMENTS

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vllm_chill.k8s.args import (
+from vllm_chill._model import MANAGED_FLAGS, VLLMModel
+from vllm_chill.backends.kubernetes._args import (
     MANAGED,
     canonical_flag,
     has_managed_args,
@@ -17,7 +18,6 @@ from vllm_chill.k8s.args import (
     served_name_from_args,
     spec_from_args,
 )
-from vllm_chill.model import MANAGED_FLAGS, VLLMModel
 
 
 def model(served: str = "qwen", **spec: object) -> VLLMModel:

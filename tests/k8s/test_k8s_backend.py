@@ -18,9 +18,10 @@ import anyio
 import pytest
 from openai import AsyncOpenAI
 
-from vllm_chill.backends.base import Backend, LoadedModel, LoadError
-from vllm_chill.k8s import DeploymentModelRegistry, K8sDeploymentBackend
-from vllm_chill.k8s.rollout import (
+from vllm_chill._model import VLLMModel
+from vllm_chill.backends._base import Backend, LoadedModel, LoadError
+from vllm_chill.backends.kubernetes import K8sDeploymentBackend
+from vllm_chill.backends.kubernetes._rollout import (
     ACTIVE_MODEL,
     PHASE_MODELS,
     PHASE_OLD_PODS,
@@ -33,7 +34,7 @@ from vllm_chill.k8s.rollout import (
     POD_MODEL_HASH,
     SWITCHED_BY,
 )
-from vllm_chill.model import VLLMModel
+from vllm_chill.registries import DeploymentModelRegistry
 
 from .cluster import (
     BASE_ARGS,

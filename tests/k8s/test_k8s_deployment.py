@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from vllm_chill.k8s.args import ArgsError
-from vllm_chill.k8s.deployment import (
+from vllm_chill._model import VLLMModel
+from vllm_chill.backends.kubernetes._args import ArgsError
+from vllm_chill.backends.kubernetes._deployment import (
     claim_annotations,
     pick_container,
     served_name,
@@ -16,8 +17,7 @@ from vllm_chill.k8s.deployment import (
     template_patch,
     wanted_args,
 )
-from vllm_chill.k8s.rollout import POD_MODEL_HASH, POD_SERVED_NAME, READY_HASH
-from vllm_chill.model import VLLMModel
+from vllm_chill.backends.kubernetes._rollout import POD_MODEL_HASH, POD_SERVED_NAME, READY_HASH
 
 NOW = datetime.datetime(2025, 6, 1, 12, 0, tzinfo=datetime.UTC)
 MODEL = VLLMModel.from_spec({"modelName": "org/m", "servedModelName": "m"})

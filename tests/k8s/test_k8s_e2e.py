@@ -16,8 +16,8 @@ import pytest
 
 from tests.servers import serve
 from vllm_chill import ModelSwitchMiddleware
-from vllm_chill.k8s.backend import K8sDeploymentBackend
-from vllm_chill.k8s.crd_registry import CRDRegistry
+from vllm_chill.backends.kubernetes._backend import K8sDeploymentBackend
+from vllm_chill.registries._kubernetes import CRDRegistry
 
 from .cluster import BASE_ARGS, CRASH_LOOP, Cluster, model_manifest, simulated_cluster
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from vllm_chill.k8s.pending import PendingPods, Verdict, autoscaler_event
-from vllm_chill.k8s.rollout import (
+from vllm_chill.backends.kubernetes._pending import PendingPods, Verdict, autoscaler_event
+from vllm_chill.backends.kubernetes._rollout import (
     PHASE_PULLING,
     PHASE_SCALING_UP,
     PHASE_SCHEDULING,

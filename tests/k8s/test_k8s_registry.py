@@ -11,9 +11,9 @@ from typing import Any
 import anyio
 import pytest
 
-from vllm_chill.k8s import CRDRegistry
-from vllm_chill.model import VLLMModel
-from vllm_chill.registry import ModelRegistry
+from vllm_chill._model import VLLMModel
+from vllm_chill.registries import CRDRegistry
+from vllm_chill.registries._base import ModelRegistry
 
 from .cluster import VLLMMODELS, Cluster, model_manifest, simulated_cluster
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from vllm_chill.k8s.rollout import (
+from vllm_chill.backends.kubernetes._rollout import (
     PHASE_MODELS,
     PHASE_PULLING,
     PHASE_SCHEDULING,

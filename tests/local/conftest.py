@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from tests.local.local_helpers import LostRecorder, Tracker, standin_command, tracked_processes
-from vllm_chill.backends.local import LocalProcessBackend
+from vllm_chill.backends.local._backend import LocalProcessBackend
 
 
 @pytest.fixture

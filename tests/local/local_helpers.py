@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 
-from vllm_chill.model import VLLMModel
+from vllm_chill._model import VLLMModel
 
 HERE = Path(__file__).parent
 STANDIN = HERE / "standin_server.py"

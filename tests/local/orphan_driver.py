@@ -14,8 +14,8 @@ import sys
 import anyio
 import httpx
 
-from vllm_chill.backends.local import LocalProcessBackend
-from vllm_chill.model import VLLMModel
+from vllm_chill._model import VLLMModel
+from vllm_chill.backends.local._backend import LocalProcessBackend
 
 
 async def main(command: str) -> None:

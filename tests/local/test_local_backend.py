@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from tests.local.local_helpers import LostRecorder, Tracker, make_model, standin_command
-from vllm_chill.backends.base import Backend, LoadedModel, LoadError
-from vllm_chill.backends.local import LocalProcessBackend
+from vllm_chill.backends._base import Backend, LoadedModel, LoadError
+from vllm_chill.backends.local._backend import LocalProcessBackend
 
 pytestmark = pytest.mark.anyio
 

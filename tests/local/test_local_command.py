@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_chill.backends.local import LocalProcessBackend
-from vllm_chill.backends.local_command import DEFAULT_COMMAND, CommandTemplate
-from vllm_chill.model import VLLMModel
+from vllm_chill._model import VLLMModel
+from vllm_chill.backends.local._backend import LocalProcessBackend
+from vllm_chill.backends.local._command import DEFAULT_COMMAND, CommandTemplate
 
 MODEL = VLLMModel.from_spec(
     {

@@ -29,11 +29,11 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from tests.servers import serve
 from vllm_chill import FakeBackend, ModelSwitchMiddleware, StaticRegistry, VLLMModel
-from vllm_chill.asgi import Receive, Scope, Send
-from vllm_chill.backends.base import Backend
-from vllm_chill.registry import ModelRegistry
-from vllm_chill.sim.app import SimApp
-from vllm_chill.sim.server import SimModelServer
+from vllm_chill.backends._base import Backend
+from vllm_chill.backends.sim._app import SimApp
+from vllm_chill.backends.sim._server import SimModelServer
+from vllm_chill.http._asgi import Receive, Scope, Send
+from vllm_chill.registries._base import ModelRegistry
 
 MODELS = ("alpha", "beta", "gamma")
 

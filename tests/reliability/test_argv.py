@@ -24,7 +24,7 @@ from tests.local.local_helpers import (
     standin_command,
     tracked_processes,
 )
-from vllm_chill.backends.local import LocalProcessBackend
+from vllm_chill.backends.local._backend import LocalProcessBackend
 
 from .helpers import chat, proxy_stack
 

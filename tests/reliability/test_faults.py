@@ -24,7 +24,7 @@ import anyio
 import pytest
 
 from vllm_chill import FakeBackend
-from vllm_chill.backends.sim import SimBackend
+from vllm_chill.backends.sim._backend import SimBackend
 
 from .helpers import (
     MODELS,

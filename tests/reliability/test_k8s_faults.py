@@ -25,7 +25,8 @@ import yaml
 
 from tests.k8s.cluster import CRASH_LOOP, SCALE_UP, Cluster, model_manifest, simulated_cluster
 from tests.k8s.emulator import DEPLOYMENTS
-from vllm_chill.k8s import CRDRegistry, K8sDeploymentBackend
+from vllm_chill.backends.kubernetes import K8sDeploymentBackend
+from vllm_chill.registries import CRDRegistry
 
 from .helpers import Reply, Snapshot, Stack, assert_no_leak, chat, openai_error, proxy_stack
 

@@ -2,8 +2,9 @@
 
 The proxy (real uvicorn on loopback; `FakeBackend` with loads of 0.3 s in front of one
 simulated vLLM per model; a model keeps serving at least 1 s before the next switch) runs in
-this process. The simulated vLLMs (`python -m vllm_chill.sim`) and the clients (`loadgen.py`,
-aiohttp) run in processes of their own, so that what is measured here is the proxy's work.
+this process. The simulated vLLMs (`python -m vllm_chill.backends.sim`) and the clients
+(`loadgen.py`, aiohttp) run in processes of their own, so that what is measured here is the
+proxy's work.
 Promises checked:
 
 - every request gets a 200 with the right model (streams complete) or a well-formed 503;
@@ -136,13 +137,13 @@ def free_port() -> int:
 
 @asynccontextmanager
 async def sim_processes(names: tuple[str, ...]) -> AsyncIterator[dict[str, str]]:
-    """One `python -m vllm_chill.sim` per model, healthy; their base URLs by served name."""
+    """One `python -m vllm_chill.backends.sim` per model, healthy; base URLs by served name."""
     urls = {}
     async with AsyncExitStack() as stack:
         for name in names:
             port = free_port()
             command = [
-                sys.executable, "-m", "vllm_chill.sim", f"org/{name}",
+                sys.executable, "-m", "vllm_chill.backends.sim", f"org/{name}",
                 "--served-model-name", name, "--port", str(port),
                 "--sim-load-time", "0", "--sim-tokens-per-second", "200",
             ]  # fmt: skip

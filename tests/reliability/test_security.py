@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from tests.local.local_helpers import make_model, standin_command
 from vllm_chill import FakeBackend
-from vllm_chill.backends.local import LocalProcessBackend
+from vllm_chill.backends.local._backend import LocalProcessBackend
 
 from .helpers import (
     MODELS,

@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 from tests.vllm.vllm_helpers import REPO, Tier, vllm_side
-from vllm_chill.backends.local_command import DEFAULT_COMMAND, CommandTemplate
-from vllm_chill.model import ModelValidationError, VLLMModel, load_manifests
+from vllm_chill._model import ModelValidationError, VLLMModel, load_manifests
+from vllm_chill.backends.local._command import DEFAULT_COMMAND, CommandTemplate
 
 pytestmark = pytest.mark.vllm
 

@@ -1,0 +1,2 @@
+"""The scheduler: `_core.SwitchCore` decides (pure, explicit clock, effects as data);
+`_switcher.Switcher` carries the decisions out against a backend and hands out leases."""

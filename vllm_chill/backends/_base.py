@@ -1,0 +1,76 @@
+"""The `Backend` protocol: how a model gets onto the GPUs.
+
+The switch scheduler never talks to Kubernetes or processes directly; it calls these five
+operations and reacts to what they report. Every backend must be cancellation-safe: the
+scheduler wraps `load` in `--model-switch-timeout` and cancels it when the timeout fires, and
+then calls `unload` so that nothing is left half-loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from vllm_chill._model import VLLMModel
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """Where a ready model answers. `served_model_name` is what clients ask for."""
+
+    served_model_name: str
+    base_url: str  # e.g. "http://127.0.0.1:8001" — the proxy appends the request path
+    #: Extra headers the proxy adds to every upstream request (rarely needed).
+    headers: tuple[tuple[str, str], ...] = field(default=())
+    #: The server's own `/v1/models` entry for the model, as seen when it became ready
+    #: (vLLM's `max_model_len`, `root`, ...), when the backend read it.
+    entry: Mapping[str, Any] | None = field(default=None, compare=False)
+
+
+class LoadError(Exception):
+    """A load failed; `reason` is what the operator needs to read (CrashLoopBackOff, the last
+    lines of a crashed process, ...). It reaches clients in `model_switch_failed` errors."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+#: Called by a backend with a short human-readable phase ("scaling up", "pulling image",
+#: "waiting for /health", ...). Shown in 503 bodies, `/proxy/status` and the switch log lines.
+ProgressCallback = Callable[[str], None]
+
+#: Called by a backend when the loaded model went away on its own (process died, pod deleted,
+#: another proxy replica switched the Deployment). Argument: the reason. May be called from the
+#: event loop only; backends running threads must hop back with `anyio.from_thread`.
+LostCallback = Callable[[str], None]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Loads one model at a time. See the module docstring for the contract."""
+
+    async def start(self, on_lost: LostCallback) -> LoadedModel | None:
+        """Connect, start watches, and return what is loaded and ready right now (so that a
+        restarted proxy does not reload a model that is already up), or None."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop background work. Must not unload a Kubernetes model (other replicas may use it);
+        a process backend stops its children."""
+        ...
+
+    async def load(self, model: VLLMModel, progress: ProgressCallback) -> LoadedModel:
+        """Replace whatever is loaded with `model`; return once it is ready to serve.
+
+        Raises `LoadError` with the reason on failure, as soon as the failure is known."""
+        ...
+
+    async def unload(self) -> None:
+        """Unload everything (scale to zero / stop the process). Idempotent."""
+        ...
+
+    async def check(self) -> bool:
+        """Whether the backend's control plane is reachable (for `/readyz`)."""
+        ...

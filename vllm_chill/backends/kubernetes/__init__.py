@@ -1,0 +1,17 @@
+"""The Kubernetes backend: loads a model by rewriting a vLLM Deployment's args from its
+`VLLMModel` resource and rolling the pod.
+
+Importing this package imports the `kubernetes` client but does nothing else (no network,
+no threads); everything starts in the backend's session.
+"""
+
+from vllm_chill.backends.kubernetes._api import ApiError, load_api_client, namespace_from_pod
+from vllm_chill.backends.kubernetes._backend import K8sDeploymentBackend, model_from_deployment
+
+__all__ = [
+    "ApiError",
+    "K8sDeploymentBackend",
+    "load_api_client",
+    "model_from_deployment",
+    "namespace_from_pod",
+]

@@ -1,0 +1,553 @@
+"""`LocalProcessBackend`: one model server at a time, as a child process group.
+
+For the machine with GPUs and no cluster. Each load starts the `--command` template (see
+`local_command`) on a free loopback port and is ready when `/health` answers 200 and
+`/v1/models` lists the served name with the model's `modelName` as its `root` (what vLLM
+reports as the model it loaded). A server that lists the served name with another `root`
+loaded something else (a `--command` with a fixed model, say): the load fails at once. The
+server's output is logged line by line under `vllm_chill.local`, prefixed with the served
+name, and its last lines are the reason of a failed load, because a crash during load (`CUDA
+out of memory`, `unrecognized arguments`) is what the operator must see, and see at once rather
+than after `--model-switch-timeout`.
+
+What is guaranteed about leftover processes:
+
+- The server runs under a tiny supervisor (`_local_supervisor.py`) that leads a new session and
+  process group. Stopping (unload, a switch, `stop()`) sends SIGTERM to the group, SIGKILL after
+  `grace_period`, then SIGKILL to whatever is left of the group, and returns only once no live
+  process of the group remains; so a switch starts the next model only after the old one's
+  processes (and their GPU memory) are gone.
+- If the proxy dies, however it dies (SIGKILL included), the supervisor sees it (the pipe on its
+  stdin closes; on Linux also a parent-death signal) and SIGKILLs the group at once. The server
+  also gets SIGKILL as its own parent-death signal in case the supervisor alone is killed.
+- Not covered: a descendant that leaves the process group (`setsid`, a daemonizing helper);
+  grandchildren left behind when the supervisor *and* the server are SIGKILLed together from
+  outside; and zombies when the proxy runs as PID 1 in a container without an init that reaps
+  orphans (run it with `--init`/tini). Parent-death signals exist only on Linux; elsewhere the
+  stdin pipe alone detects the proxy's death.
+
+Needs a POSIX system and the asyncio event loop (uvicorn's, uvloop included): the background
+tasks live in a task group hosted by one task the backend owns, because `start()` and `stop()`
+are called from different cancel scopes of the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+import anyio
+import httpx
+from anyio.abc import Process, TaskGroup
+
+from vllm_chill._model import VLLMModel
+from vllm_chill.backends._base import LoadedModel, LoadError, LostCallback, ProgressCallback
+from vllm_chill.backends.local._command import DEFAULT_COMMAND, CommandTemplate
+from vllm_chill.observability._redact import SECRET_FLAG
+
+log = logging.getLogger("vllm_chill.local")
+
+SUPERVISOR = Path(__file__).with_name("_supervisor.py")
+#: After SIGKILL, how long the kernel may take to tear the group down (a process releasing GPU
+#: memory can sit in uninterruptible sleep for a while). Beyond it we log and carry on.
+KILL_TIMEOUT = 15.0
+#: How long the last output lines may take to arrive once the group is gone.
+OUTPUT_DRAIN_TIMEOUT = 2.0
+#: One readiness request; a server that accepts but does not answer is retried after this.
+PROBE_TIMEOUT = 5.0
+POLL_INITIAL = 0.05
+POLL_MAX = 0.25
+#: A "line" longer than this (a progress bar without line breaks) is cut, to bound memory.
+MAX_LINE = 16 * 1024
+#: Progress bars (tqdm) redraw with a carriage return; each redraw is a line of its own.
+_LINE_BREAK = re.compile(rb"\r\n|[\r\n]")
+#: Environment variables whose value is a secret (`HF_TOKEN`, `OPENAI_API_KEY`).
+_SECRET_ENV = re.compile(r"(?:^|_)(?:KEY|TOKEN|SECRET|PASSWORD)$", re.IGNORECASE)
+MIN_ENV_SECRET = 8
+
+
+class LocalProcessBackend:
+    """Runs one model server at a time as a child process group (see the module docstring).
+
+    `env` is added to the proxy's environment for the server (e.g. `CUDA_VISIBLE_DEVICES`);
+    `PYTHONUNBUFFERED=1` is set unless `env` says otherwise, so Python servers' output arrives
+    as it is written. `api_key` is sent to `/v1/models` while waiting for readiness, for
+    servers started with `--api-key`. Raises `ValueError` for a bad template or setting."""
+
+    def __init__(
+        self,
+        command: str = DEFAULT_COMMAND,
+        *,
+        grace_period: float = 10.0,
+        host: str = "127.0.0.1",
+        env: Mapping[str, str] | None = None,
+        log_lines: int = 40,
+        api_key: str | None = None,
+    ) -> None:
+        if not hasattr(os, "killpg"):
+            raise RuntimeError("the local backend needs a POSIX system (process groups)")
+        if grace_period < 0:
+            raise ValueError(f"grace_period must be >= 0, not {grace_period}")
+        if log_lines < 1:
+            raise ValueError(f"log_lines must be >= 1, not {log_lines}")
+        self.template = CommandTemplate.parse(command)
+        self.grace_period = grace_period
+        self.host = host
+        self._env = dict(env or {})
+        self._log_lines = log_lines
+        self._api_key = api_key or None
+        self._lock = anyio.Lock()  # one load or unload at a time
+        self._current: _Server | None = None
+        self._on_lost: LostCallback | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._tg: TaskGroup | None = None
+        self._closing = False
+
+    def __repr__(self) -> str:
+        return f"LocalProcessBackend(command={self.template.text!r})"
+
+    # -- Backend ---------------------------------------------------------------------------
+
+    async def start(self, on_lost: LostCallback) -> LoadedModel | None:
+        """Start the task that owns the output readers and exit watchers. Nothing runs yet,
+        so nothing is adopted: a model server never outlives the proxy that started it."""
+        if self._runner is not None:
+            raise RuntimeError("LocalProcessBackend is already started")
+        self._on_lost = on_lost
+        self._closing = False
+        started = anyio.Event()
+        self._runner = asyncio.get_running_loop().create_task(
+            self._host_tasks(started), name="vllm-chill local backend"
+        )
+        with anyio.fail_after(10):
+            await started.wait()
+        return None
+
+    async def stop(self) -> None:
+        """Stop the running server (if any) and the background tasks. Shielded and bounded."""
+        with anyio.CancelScope(shield=True):
+            self._closing = True
+            if self._current is not None:
+                # First, without the lock: a load in progress then fails at once.
+                await self._stop_server(self._current)
+            with anyio.move_on_after(self.grace_period + KILL_TIMEOUT + 5):
+                async with self._lock:
+                    if self._current is not None:
+                        await self._stop_server(self._current)
+            runner, tg = self._runner, self._tg
+            self._runner = self._tg = None
+            if tg is not None:
+                tg.cancel_scope.cancel()
+            if runner is not None:
+                await asyncio.wait({runner}, timeout=5)
+
+    async def load(self, model: VLLMModel, progress: ProgressCallback) -> LoadedModel:
+        tg = self._tg
+        if tg is None or self._closing:
+            raise RuntimeError("LocalProcessBackend is not started")
+        async with self._lock:
+            current = self._current
+            if current is not None:
+                if current.model == model and current.ready and not current.exited.is_set():
+                    return current.loaded()
+                progress(f"stopping {current.name}")
+                await self._stop_server(current)
+            progress("starting process")
+            server = await self._spawn(model)
+            try:
+                if self._closing:
+                    raise LoadError("the local backend is stopping")
+                tg.start_soon(self._read_output, server)
+                tg.start_soon(self._watch_exit, server)
+                await self._wait_ready(server, progress)
+            except BaseException:
+                await self._stop_server(server)  # cancelled or failed: leave nothing behind
+                raise
+            server.ready = True
+            log.info("[%s] ready at %s", server.name, server.base_url)
+            return server.loaded()
+
+    async def unload(self) -> None:
+        async with self._lock:
+            if self._current is not None:
+                await self._stop_server(self._current)
+
+    async def check(self) -> bool:
+        return True
+
+    # -- starting --------------------------------------------------------------------------
+
+    async def _host_tasks(self, started: anyio.Event) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                started.set()
+                await anyio.sleep_forever()
+        finally:
+            # Reached with a server still running only when the event loop is torn down
+            # without `stop()` (Ctrl-C in a script). Closing the process transport may then
+            # SIGKILL the supervisor alone, before it could kill the server's workers: kill
+            # the whole group first.
+            if self._current is not None:
+                _signal_group(self._current.pgid, signal.SIGKILL)
+
+    async def _spawn(self, model: VLLMModel) -> _Server:
+        port = _free_port(self.host)
+        argv = self.template.render(model, port)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self._env}
+        secrets = _secret_values(argv) | _secret_env_values(env)
+        if self._api_key:
+            secrets.add(self._api_key)
+        name = model.served_model_name
+        log.info("[%s] starting: %s", name, shlex.join(_redact(word, secrets) for word in argv))
+        supervised = [sys.executable, "-I", "-S", str(SUPERVISOR), str(os.getpid()), "--", *argv]
+        try:
+            # Shielded: a cancellation half-way through would leave asyncio to SIGKILL the
+            # supervisor alone; once it returns, the caller's cleanup owns the process.
+            with anyio.CancelScope(shield=True):
+                process = await anyio.open_process(
+                    supervised,
+                    stdin=subprocess.PIPE,  # its EOF tells the supervisor the proxy is gone
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                )
+        except OSError as exc:
+            raise LoadError(f"cannot start the model server: {exc}") from exc
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        server = _Server(model, process, f"http://{host}:{port}", self._log_lines, secrets)
+        self._current = server
+        return server
+
+    async def _wait_ready(self, server: _Server, progress: ProgressCallback) -> None:
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else None
+        async with httpx.AsyncClient(
+            base_url=server.base_url, headers=headers, timeout=PROBE_TIMEOUT, trust_env=False
+        ) as client:
+            progress("waiting for /health")
+            await self._poll(server, lambda: _health_ok(client))
+            progress("waiting for /v1/models")
+            await self._poll(server, lambda: _lists_model(client, server))
+
+    async def _poll(self, server: _Server, probe: Callable[[], Awaitable[bool]]) -> None:
+        """Probe with a short backoff until it succeeds; fail the moment the process exits."""
+        delay = POLL_INITIAL
+        while True:
+            if server.exited.is_set():
+                await self._fail_load(server)
+            if await probe():
+                return
+            with anyio.move_on_after(delay):
+                await server.exited.wait()
+            delay = min(delay * 2, POLL_MAX)
+
+    async def _fail_load(self, server: _Server) -> NoReturn:
+        if server.stopping:
+            raise LoadError("the local backend stopped the model server while it was loading")
+        await self._stop_server(server)  # kills what is left and collects the last lines
+        reason = server.describe_exit("during load")
+        log.error("[%s] %s", server.name, reason)
+        raise LoadError(reason)
+
+    # -- background tasks ------------------------------------------------------------------
+
+    async def _read_output(self, server: _Server) -> None:
+        try:
+            await server.read_output()
+        except Exception:  # a failing reader must not take the task group down
+            log.exception("[%s] reading the server's output failed", server.name)
+
+    async def _watch_exit(self, server: _Server) -> None:
+        """Notice a server that dies after it was ready, so that the next request reloads."""
+        try:
+            await server.process.wait()
+            server.exited.set()
+            if server.stopping or not server.ready:
+                return  # a stop or a load in progress handles it
+            await self._stop_server(server)  # its workers may still hold GPU memory
+            reason = server.describe_exit("after it was ready")
+            log.error("[%s] %s", server.name, reason)
+            if self._on_lost is not None:
+                self._on_lost(reason)
+        except Exception:
+            log.exception("[%s] watching the server process failed", server.name)
+
+    # -- stopping --------------------------------------------------------------------------
+
+    async def _stop_server(self, server: _Server) -> None:
+        """Stop `server` and wait until its whole process group is gone. Idempotent; shielded,
+        so that a cancelled load still leaves nothing behind; bounded in time."""
+        with anyio.CancelScope(shield=True):
+            async with server.stop_lock:
+                if not server.stopped.is_set():
+                    server.stopping = True
+                    await self._terminate(server)
+                    server.stopped.set()
+        if self._current is server:
+            self._current = None
+
+    async def _terminate(self, server: _Server) -> None:
+        name, pgid = server.name, server.pgid
+        if not server.exited.is_set():
+            log.info("[%s] stopping: SIGTERM to process group %d", name, pgid)
+            _signal_group(pgid, signal.SIGTERM)
+            with anyio.move_on_after(self.grace_period):
+                await server.wait_exit()
+            if not server.exited.is_set():
+                log.warning(
+                    "[%s] still running %gs after SIGTERM: SIGKILL to process group %d",
+                    name,
+                    self.grace_period,
+                    pgid,
+                )
+                _signal_group(pgid, signal.SIGKILL)
+        with anyio.move_on_after(KILL_TIMEOUT) as deadline:
+            await server.wait_exit()
+            # Whatever outlived the server (workers that ignored SIGTERM, or were orphaned by a
+            # crash) dies now; the next model starts only once its GPU memory is free.
+            _signal_group(pgid, signal.SIGKILL)
+            await _wait_group_gone(pgid)
+        if deadline.cancelled_caught:
+            log.error(
+                "[%s] process group %d still has live processes %gs after SIGKILL",
+                name,
+                pgid,
+                KILL_TIMEOUT,
+            )
+        with anyio.move_on_after(OUTPUT_DRAIN_TIMEOUT):
+            await server.output_closed.wait()
+        await server.close_streams()
+        log.info("[%s] stopped (%s)", name, server.exit_status())
+
+
+class _Server:
+    """One model server: its supervisor process, its recent output, and where it is in its
+    life (exited, being stopped, stopped)."""
+
+    def __init__(
+        self,
+        model: VLLMModel,
+        process: Process,
+        base_url: str,
+        log_lines: int,
+        secrets: set[str],
+    ) -> None:
+        self.model = model
+        self.name = model.served_model_name
+        self.process = process
+        self.pgid = process.pid  # start_new_session: the supervisor leads its own group
+        self.base_url = base_url
+        self.output: deque[str] = deque(maxlen=log_lines)
+        self.secrets = secrets
+        self.exited = anyio.Event()
+        self.output_closed = anyio.Event()
+        self.stopped = anyio.Event()
+        self.stop_lock = anyio.Lock()
+        self.ready = False
+        self.stopping = False
+        #: The server's `/v1/models` entry for the model, once it listed it.
+        self.entry: dict[str, Any] | None = None
+
+    def loaded(self) -> LoadedModel:
+        return LoadedModel(served_model_name=self.name, base_url=self.base_url, entry=self.entry)
+
+    async def wait_exit(self) -> None:
+        """Wait until the supervisor is reaped (callers bound it; the exit watcher may be
+        cancelled already when the backend stops)."""
+        await self.process.wait()
+        self.exited.set()
+
+    async def read_output(self) -> None:
+        pending = b""
+        try:
+            if self.process.stdout is not None:
+                async for chunk in self.process.stdout:
+                    *lines, pending = _LINE_BREAK.split(pending + chunk)
+                    for line in lines:
+                        self._add_line(line)
+                    if len(pending) > MAX_LINE:
+                        self._add_line(pending)
+                        pending = b""
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+        finally:
+            if pending:
+                self._add_line(pending)
+            self.output_closed.set()
+
+    def _add_line(self, raw: bytes) -> None:
+        line = _redact(raw.decode("utf-8", errors="replace").rstrip(), self.secrets)
+        if line.strip():
+            self.output.append(line)
+            log.info("[%s] %s", self.name, line)
+
+    def exit_status(self) -> str:
+        code = self.process.returncode
+        if code is None:
+            return "process did not exit"
+        if code < 0:
+            try:
+                return f"process was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"process was killed by signal {-code}"
+        return f"process exited with status {code}"
+
+    def describe_exit(self, when: str) -> str:
+        """The load-failure or lost reason: how it ended, and what it printed last."""
+        reason = f"{self.exit_status()} {when}"
+        if self.output:
+            reason += "; last output:\n" + "\n".join(self.output)
+        return reason
+
+    async def close_streams(self) -> None:
+        if self.exited.is_set():
+            await self.process.aclose()
+            return
+        # Still not reaped (stuck in the kernel): close our ends without waiting for it.
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                await stream.aclose()
+
+
+# -- readiness probes ------------------------------------------------------------------------
+
+
+async def _health_ok(client: httpx.AsyncClient) -> bool:
+    try:
+        response = await client.get("/health")
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
+
+
+async def _lists_model(client: httpx.AsyncClient, server: _Server) -> bool:
+    """Whether the server lists the model under its served name (and then keeps its entry)."""
+    served_model_name, model_name = server.name, server.model.model_name
+    try:
+        response = await client.get("/v1/models")
+    except httpx.HTTPError:
+        return False
+    if response.status_code in (401, 403):
+        raise LoadError(
+            f"/v1/models answered {response.status_code}: the model server requires an API key; "
+            "give vllm-chill the same key (--upstream-api-key)"
+        )
+    if response.status_code != 200:
+        return False
+    try:
+        entries = [e for e in response.json()["data"] if e.get("id") == served_model_name]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
+    if not entries:
+        return False
+    # vLLM's `root` is the model it was started with; a server without the field cannot tell.
+    roots = {e["root"] for e in entries if isinstance(e.get("root"), str)}
+    if roots and model_name not in roots:
+        raise LoadError(
+            f"the model server serves {served_model_name!r} from {sorted(roots)[0]!r}, not from "
+            f"{model_name!r} (modelName): it loaded another model; check --command"
+        )
+    server.entry = entries[0]
+    return True
+
+
+# -- processes and ports ---------------------------------------------------------------------
+
+
+def _free_port(host: str) -> int:
+    """A port nothing listens on right now. Another process could take it before the server
+    binds it; the server then exits at once and the load fails with its "address in use"."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _signal_group(pgid: int, signum: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass  # nothing left in the group
+    except PermissionError:
+        log.warning("not allowed to signal process group %d", pgid)
+
+
+async def _wait_group_gone(pgid: int) -> None:
+    """Return once no live (non-zombie) process is in group `pgid`. The kernel offers no event
+    for processes that are not our children, hence a short polling backoff."""
+    delay = 0.01
+    while await anyio.to_thread.run_sync(_group_has_live_members, pgid):
+        await anyio.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def _group_has_live_members(pgid: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat_file:
+                stat = stat_file.read()
+        except OSError:
+            continue  # exited while we looked
+        # Fields after the command name (which may contain anything, even ") "): state, ppid,
+        # pgrp, ...
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+# -- secrets ---------------------------------------------------------------------------------
+
+
+def _secret_values(argv: list[str]) -> set[str]:
+    """Values of flags like `--api-key`, `--hf-token` (as `--flag value` or `--flag=value`)."""
+    secrets: set[str] = set()
+    for index, word in enumerate(argv):
+        flag, has_value, value = word.partition("=")
+        if not SECRET_FLAG.match(flag):  # masked in logs and load-failure reasons
+            continue
+        if has_value:
+            secrets.add(value)
+        elif index + 1 < len(argv) and not argv[index + 1].startswith("-"):
+            secrets.add(argv[index + 1])
+    secrets.discard("")
+    return secrets
+
+
+def _secret_env_values(env: Mapping[str, str]) -> set[str]:
+    """Values of variables like `HF_TOKEN` or `OPENAI_API_KEY`, should the server print them.
+    Short values are left alone: masking every "1" would make the log unreadable."""
+    return {
+        value
+        for name, value in env.items()
+        if _SECRET_ENV.search(name) and len(value) >= MIN_ENV_SECRET
+    }
+
+
+def _redact(text: str, secrets: set[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text

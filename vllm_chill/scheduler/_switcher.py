@@ -1,0 +1,469 @@
+"""The switch driver: runs the decision core's effects against a backend, with real time.
+
+The core (`core.py`) decides; this module does the I/O: it runs loads and unloads as owned
+tasks, wakes held requests, cancels drained-out requests, keeps the timer that fires the
+core's deadlines, and feeds logs and metrics. All state changes happen on the event loop
+thread, between awaits, so no lock is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from vllm_chill._options import ProxyOptions
+from vllm_chill.backends._base import Backend, LoadedModel, LoadError
+from vllm_chill.observability._metrics import Metrics
+from vllm_chill.registries._base import ModelRegistry
+from vllm_chill.scheduler._core import (
+    Admit,
+    Busy,
+    Cut,
+    Effect,
+    Hold,
+    ModelState,
+    Phase,
+    PhaseChanged,
+    Refuse,
+    Reject,
+    Release,
+    StartLoad,
+    StartUnload,
+    SwitchCore,
+    TooMany,
+)
+from vllm_chill.scheduler._refusals import LoadFailed, ModelLoading, NotRunning, TooManyWaiting
+
+log = logging.getLogger("vllm_chill.switch")
+
+#: Longest an unload may take before it is reported as failed (the state still moves on).
+UNLOAD_TIMEOUT = 120.0
+
+
+@dataclass(eq=False, slots=True)
+class Lease:
+    """An in-flight slot on a ready model.
+
+    `on_cut`, set by whoever serves the request, is called when the switch's drain timeout
+    passes with the request still in flight: it must end the request (the middleware cancels
+    its relay). A plain callback rather than a cancel scope per request: entering and leaving
+    an anyio scope costs more than the rest of the switch's request path together."""
+
+    model: str
+    upstream: LoadedModel
+    released: bool = False
+    on_cut: Callable[[], None] | None = None
+
+
+@dataclass
+class _Waiter:
+    model: str
+    event: anyio.Event = field(default_factory=anyio.Event)
+    outcome: str | None = None  # "released" / "rejected"
+    reason: str = ""
+    #: Made when the waiter is released, so that its in-flight slot exists (and is released
+    #: exactly once) whether or not the waiting task ever runs again.
+    lease: Lease | None = None
+
+
+class Switcher:
+    def __init__(
+        self,
+        backend: Backend,
+        registry: ModelRegistry,
+        options: ProxyOptions,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self.registry = registry
+        self.options = options
+        self.metrics = metrics
+        self.clock = clock
+        self.core = SwitchCore(
+            max_waiting=options.max_waiting,
+            min_residency=options.min_residency,
+            quiet_gap=options.quiet_gap,
+            drain_timeout=options.drain_timeout,
+            idle_timeout=options.idle_timeout,
+            failure_backoff=options.failure_backoff,
+            failure_backoff_max=options.failure_backoff_max,
+        )
+        self.loaded: LoadedModel | None = None
+        self.progress: str = ""
+        self.running = False
+        self._tg: TaskGroup | None = None
+        self._waiters: dict[int, _Waiter] = {}
+        self._leases: dict[str, set[Lease]] = {}
+        self._wake = anyio.Event()
+        self._timer_at = math.inf
+        self._was_active: str | None = None
+        self._stop_requested = False
+        self.stopped = anyio.Event()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start the backend, adopt what it already runs, and drive timers until `stop()`.
+
+        The backend is started and stopped at the same cancel-scope depth of this task, with no
+        scope of ours around either call: backends may hold a task group from `start` to `stop`,
+        and anyio requires such a group to be closed where it was opened."""
+        loaded = await self.backend.start(self._on_lost)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                if loaded is not None and self.registry.get(loaded.served_model_name):
+                    self.loaded = loaded
+                    self._apply(self.core.adopt(loaded.served_model_name, self.clock()))
+                    log.info("adopted model=%s already loaded", loaded.served_model_name)
+                self.running = True
+                task_status.started()
+                await self._timer()
+                tg.cancel_scope.cancel()  # loads and unloads in progress end here
+        finally:
+            self.running = False
+            self._tg = None
+            self._fail_all_waiters("the proxy is shutting down")
+            await self.backend.stop()
+            self.stopped.set()
+
+    def stop(self) -> None:
+        """Ask `run` to finish: in-progress loads are cancelled, held requests answered, the
+        backend stopped. The caller waits on `stopped` (with its own timeout)."""
+        self._stop_requested = True
+        self._wake.set()
+
+    def nudge(self) -> None:
+        """Re-read the clock now (for a caller that drives `clock` by hand, as tests do)."""
+        self._timer_at = -math.inf
+        self._wake.set()
+
+    async def _timer(self) -> None:
+        while not self._stop_requested:
+            deadline = self.core.next_deadline()
+            self._timer_at = math.inf if deadline is None else deadline
+            self._wake = anyio.Event()
+            delay = self._timer_at - self.clock()
+            if delay > 0:
+                with anyio.move_on_after(delay):
+                    await self._wake.wait()
+            if not self._stop_requested:
+                self._apply(self.core.tick(self.clock()))
+
+    # --- the request path -----------------------------------------------------------------
+
+    async def acquire(self, model: str, hold: float, client: str | None = None) -> Lease:
+        """An in-flight slot on `model` once it is ready, or a `Refused` saying why not.
+        `client` (the caller's address) lets a 503's promise be kept per client."""
+        if not self.running:
+            raise NotRunning(model)
+        decision, effects = self.core.arrive(model, self.clock(), hold=hold > 0, client=client)
+        if type(decision) is Admit:
+            if effects:  # the common case has none, and no deadline moved earlier
+                self._apply(effects)
+            return self._lease(model)
+        self._apply(effects)  # even with no effects: a switch may be due sooner now
+        if isinstance(decision, Hold):
+            return await self._hold(model, decision.waiter, hold, client)
+        if isinstance(decision, Busy):
+            raise self._loading(model, decision.retry_after)
+        if isinstance(decision, Refuse):
+            raise LoadFailed(model, decision.retry_after, decision.reason)
+        if isinstance(decision, TooMany):
+            raise TooManyWaiting(model, decision.retry_after)
+        raise AssertionError(decision)
+
+    async def _hold(self, model: str, waiter_id: int, hold: float, client: str | None) -> Lease:
+        waiter = _Waiter(model)
+        self._waiters[waiter_id] = waiter
+        gauge = self.metrics.model(model).waiting
+        gauge.inc()
+        try:
+            with anyio.move_on_after(hold):
+                await waiter.event.wait()
+        except BaseException:
+            # The client went away while held: forget it at once, or hand back its slot.
+            if waiter.lease is not None:
+                self.finish(waiter.lease)
+            else:
+                self._forget(model, waiter_id)
+            raise
+        finally:
+            gauge.dec()
+        if waiter.lease is not None:
+            return waiter.lease
+        if waiter.outcome == "rejected":
+            raise LoadFailed(model, 1, waiter.reason)
+        self._forget(model, waiter_id)
+        raise self._loading(model, self.core.promise(model, self.clock(), client))
+
+    def _forget(self, model: str, waiter_id: int) -> None:
+        self._waiters.pop(waiter_id, None)
+        self._apply(self.core.give_up(model, waiter_id, self.clock()))
+
+    def _lease(self, model: str) -> Lease:
+        """The in-flight slot the core just counted for `model`, or — should the model have
+        gone in the meantime — that count handed back and a 503."""
+        lease = self._make_lease(model)
+        if lease is None:
+            raise self._loading(model, self.core.promise(model, self.clock()))
+        return lease
+
+    def _make_lease(self, model: str) -> Lease | None:
+        upstream = self.loaded
+        if upstream is None or upstream.served_model_name != model:
+            self._apply(self.core.finish(model, self.clock()))
+            return None
+        lease = Lease(model, upstream)
+        leases = self._leases.get(model)
+        if leases is None:
+            leases = self._leases[model] = set()
+        leases.add(lease)
+        return lease
+
+    def finish(self, lease: Lease) -> None:
+        """The request on `lease` ended, however it ended. Idempotent."""
+        if lease.released:
+            return
+        lease.released = True
+        leases = self._leases.get(lease.model)
+        if leases is not None:
+            leases.discard(lease)
+        self._apply(self.core.finish(lease.model, self.clock()))
+
+    def promise(self, model: str, client: str | None = None) -> int:
+        """The Retry-After for a 503 about `model` answered now (remembered as a promise)."""
+        return self.core.promise(model, self.clock(), client)
+
+    # --- operator actions -----------------------------------------------------------------
+
+    def request_switch(self, model: str) -> ModelState:
+        self._apply(self.core.request_switch(model, self.clock()))
+        return self.core.state_of(model, self.clock())
+
+    def request_unload(self) -> bool:
+        """False when a load is in progress (it is not interrupted)."""
+        if self.core.phase is Phase.LOADING:
+            return False
+        self._apply(self.core.request_unload(self.clock()))
+        return True
+
+    # --- effects --------------------------------------------------------------------------
+
+    def _apply(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Release):
+                self._release(effect.model, effect.waiters)
+            elif isinstance(effect, Reject):
+                self._resolve(effect.waiters, "rejected", effect.reason)
+            elif isinstance(effect, StartLoad):
+                self._spawn(self._load, effect.model, effect.previous)
+            elif isinstance(effect, StartUnload):
+                self._spawn(self._unload, effect.model, effect.reason)
+            elif isinstance(effect, Cut):
+                leases = self._leases.get(effect.model, ())
+                log.warning(
+                    "switch phase=cut model=%s requests=%d drain_timeout=%.0fs",
+                    effect.model,
+                    len(leases),
+                    self.options.drain_timeout,
+                )
+                # Each cut request's slot is handed back here and now, whether or not its task
+                # has run since (a released waiter may not have): the drain can never wedge.
+                for lease in list(leases):
+                    if lease.on_cut is not None:
+                        lease.on_cut()
+                    self.finish(lease)
+            elif isinstance(effect, PhaseChanged):
+                self._on_phase(effect)
+        deadline = self.core.next_deadline()
+        if deadline is not None and deadline < self._timer_at:
+            self._timer_at = deadline
+            self._wake.set()
+
+    def _spawn(self, func: Callable[..., Any], *args: Any) -> None:
+        if self._tg is None:
+            raise RuntimeError("switcher is not running")
+        self._tg.start_soon(func, *args)
+
+    def _release(self, model: str, waiter_ids: tuple[int, ...]) -> None:
+        for waiter_id in waiter_ids:
+            waiter = self._waiters.pop(waiter_id, None)
+            lease = self._make_lease(model)
+            if waiter is None:  # cannot happen: a waiter leaves the core before it leaves us
+                if lease is not None:
+                    self.finish(lease)
+                continue
+            if lease is None:
+                waiter.outcome = "rejected"
+                waiter.reason = f"model {model!r} went away as it became ready"
+            else:
+                waiter.outcome = "released"
+                waiter.lease = lease
+            waiter.event.set()
+
+    def _resolve(self, waiter_ids: tuple[int, ...], outcome: str, reason: str) -> None:
+        for waiter_id in waiter_ids:
+            waiter = self._waiters.pop(waiter_id, None)
+            if waiter is None:
+                continue
+            waiter.outcome = outcome
+            waiter.reason = reason
+            waiter.event.set()
+
+    def _fail_all_waiters(self, reason: str) -> None:
+        now = self.clock()
+        for waiter_id, waiter in self._waiters.items():
+            self.core.give_up(waiter.model, waiter_id, now)
+            waiter.outcome = "rejected"
+            waiter.reason = reason
+            waiter.event.set()
+        self._waiters.clear()
+
+    def _on_phase(self, effect: PhaseChanged) -> None:
+        core = self.core
+        if effect.phase is Phase.DRAINING:
+            inflight = core.inflight.get(effect.model or "", 0)
+            log.info(
+                "switch phase=draining model=%s next=%s in_flight=%d",
+                effect.model,
+                effect.target or "-",
+                inflight,
+            )
+        active = core.active if core.phase in (Phase.READY, Phase.DRAINING) else None
+        if active != self._was_active:
+            self._was_active = active
+            self.metrics.set_active(active, [m.served_model_name for m in self.registry.models()])
+
+    def _on_progress(self, model: str, started: float) -> Callable[[str], None]:
+        def progress(phase: str) -> None:
+            if self.core.active != model or self.core.phase is not Phase.LOADING:
+                return
+            self.progress = phase
+            log.info(
+                "switch phase=%r model=%s elapsed=%.1fs",
+                phase,
+                model,
+                self.clock() - started,
+            )
+
+        return progress
+
+    def _on_lost(self, reason: str) -> None:
+        model = self.core.active
+        if self.core.phase not in (Phase.READY, Phase.DRAINING):
+            return
+        log.warning("switch phase=lost model=%s reason=%s", model, reason)
+        self.loaded = None
+        self._apply(self.core.lost(self.clock()))
+        # Requests still relaying to the lost server end on their own (its connections are
+        # gone, or the upstream timeout ends them); they no longer count against a reload.
+        for lease in list(self._leases.get(model or "", ())):
+            self.finish(lease)
+
+    async def _load(self, name: str, previous: str | None) -> None:
+        started = self.clock()
+        self.progress = "starting"
+        log.info("switch phase=loading model=%s from=%s", name, previous or "-")
+        if previous is None:
+            self.metrics.scale_events.labels("up", "request").inc()
+        error: str | None = None
+        model = self.registry.get(name)
+        try:
+            if model is None:
+                raise LoadError(f"model {name!r} is no longer defined")
+            with anyio.fail_after(self.options.model_switch_timeout):
+                self.loaded = await self.backend.load(model, self._on_progress(name, started))
+        except TimeoutError:
+            error = (
+                f"model {name!r} did not become ready within "
+                f"{self.options.model_switch_timeout:.0f}s (--model-switch-timeout); "
+                f"last phase: {self.progress}"
+            )
+        except LoadError as exc:
+            error = exc.reason
+        except Exception as exc:
+            log.exception("switch phase=error model=%s: backend raised", name)
+            error = f"backend error: {type(exc).__name__}: {exc}"
+        elapsed = self.clock() - started
+        result = "failure" if error else "success"
+        self.metrics.switches.labels(previous or "", name, result).inc()
+        self.metrics.switch_duration.labels(name, result).observe(elapsed)
+        if error:
+            self.loaded = None
+            log.error("switch phase=failed model=%s elapsed=%.1fs reason=%s", name, elapsed, error)
+        else:
+            log.info("switch phase=ready model=%s elapsed=%.1fs", name, elapsed)
+        self.progress = ""
+        self._apply(self.core.load_done(name, self.clock(), error))
+
+    async def _unload(self, name: str, reason: str) -> None:
+        started = self.clock()
+        log.info("switch phase=unloading model=%s reason=%s", name, reason)
+        try:
+            with anyio.fail_after(UNLOAD_TIMEOUT):
+                await self.backend.unload()
+        except Exception as exc:
+            log.error("switch phase=unload-failed model=%s reason=%s", name, exc)
+        self.loaded = None
+        if reason != "failed":
+            self.metrics.scale_events.labels("down", reason).inc()
+        log.info("switch phase=unloaded model=%s elapsed=%.1fs", name, self.clock() - started)
+        self._apply(self.core.unload_done(self.clock()))
+
+    # --- status ---------------------------------------------------------------------------
+
+    def state_of(self, model: str) -> ModelState:
+        return self.core.state_of(model, self.clock())
+
+    def _loading(self, model: str, retry_after: int) -> ModelLoading:
+        """The 503 for a model not serving yet, with what its load is doing and for how long
+        (answered often during a load, so this reads the core directly)."""
+        core = self.core
+        if core.active != model:
+            return ModelLoading(model, retry_after, phase="queued", elapsed=0.0)
+        phase = self.progress or core.phase.value
+        return ModelLoading(
+            model, retry_after, phase=phase, elapsed=self.clock() - core.phase_since
+        )
+
+    def status(self) -> dict[str, Any]:
+        core = self.core
+        now = self.clock()
+        record = core.last_switch
+        last: dict[str, Any] | None = None
+        if record is not None:
+            finished = record.finished_at
+            last = {
+                "from": record.from_model,
+                "to": record.to_model,
+                "result": record.result or "in_progress",
+                "duration_seconds": round((finished or now) - record.started_at, 3),
+                "seconds_ago": round(now - record.started_at, 3),
+            }
+        return {
+            "active_model": core.active,
+            "state": core.state_of(core.active, now).value if core.active else "unloaded",
+            "phase": core.phase.value,
+            "progress": self.progress or None,
+            "phase_seconds": round(now - core.phase_since, 3),
+            "switching_to": core.target,
+            "queued_models": list(core.queue),
+            "requests_in_flight": dict(core.inflight),
+            "requests_waiting": {m: len(w) for m, w in core.waiters.items()},
+            "last_switch": last,
+            "failed_models": {
+                m: {"reason": f.reason, "retry_in_seconds": round(f.until - now, 1)}
+                for m, f in core.failures.items()
+                if f.until > now
+            },
+        }
