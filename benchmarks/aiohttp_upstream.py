@@ -74,7 +74,6 @@ class AiohttpUpstreamClient:
         base_url: str,
         path: str,
         body: bytes,
-        extra_headers: tuple[tuple[str, str], ...] = (),
     ) -> int:
         """Relay the request; return the upstream's status. Raises `UpstreamUnavailable`
         before any byte was sent to the client, never after."""
@@ -82,8 +81,6 @@ class AiohttpUpstreamClient:
         query: bytes = scope.get("query_string", b"")
         url = base_url + path + ("?" + query.decode("latin-1") if query else "")
         headers = self.request_headers(scope)
-        if extra_headers:
-            headers.extend(extra_headers)
         try:
             response = await session.request(
                 scope["method"],

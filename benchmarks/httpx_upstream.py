@@ -65,15 +65,12 @@ class HttpxUpstreamClient:
         base_url: str,
         path: str,
         body: bytes,
-        extra_headers: tuple[tuple[str, str], ...] = (),
     ) -> int:
         """Relay the request; return the upstream's status. Raises `UpstreamUnavailable`
         before any byte was sent to the client, never after."""
         query: bytes = scope.get("query_string", b"")
         url = base_url + path + ("?" + query.decode("latin-1") if query else "")
         headers = self.request_headers(scope)
-        if extra_headers:
-            headers.extend((k.encode(), v.encode()) for k, v in extra_headers)
         request = self._client.build_request(scope["method"], url, headers=headers, content=body)
         try:
             response = await self._client.send(request, stream=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from vllm_chill import file_registry
 from vllm_chill._model import API_VERSION, KIND, ModelValidationError
+from vllm_chill.registries import _files as file_registry
 from vllm_chill.registries._base import ModelRegistry
 from vllm_chill.registries._files import FileRegistry, read_models
 
@@ -104,7 +104,8 @@ def models_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def registry(models_dir: Path) -> AsyncIterator[FileRegistry]:
-    async with FileRegistry([models_dir], namespace="ai-apps") as registry:
+    registry = FileRegistry([models_dir], namespace="ai-apps")
+    async with registry.session():
         yield registry
 
 
@@ -235,7 +236,8 @@ async def test_a_single_file_path_is_watched(tmp_path: Path) -> None:
     path = tmp_path / "models.yaml"
     write(path, manifest("alpha") + "---\n" + manifest("beta"))
     (tmp_path / "ignored.yaml").write_text(manifest("ignored"))  # a sibling, not configured
-    async with FileRegistry([path]) as registry:
+    registry = FileRegistry([path])
+    async with registry.session():
         assert served(registry) == ["alpha", "beta"]
         changes = Changes(registry)
         write(path, manifest("alpha"))
@@ -251,7 +253,8 @@ async def test_configmap_volume_updates_are_seen(tmp_path: Path) -> None:
     (volume / "..v1" / "models.yaml").write_text(manifest("alpha"))
     (volume / "..data").symlink_to("..v1")
     (volume / "models.yaml").symlink_to("..data/models.yaml")
-    async with FileRegistry([volume]) as registry:
+    registry = FileRegistry([volume])
+    async with registry.session():
         assert served(registry) == ["alpha"]
         changes = Changes(registry)
         (volume / "..v2").mkdir()
@@ -270,7 +273,8 @@ async def test_a_vanished_directory_keeps_its_models_and_is_watched_again(
     directory = tmp_path / "models"
     directory.mkdir()
     write(directory / "alpha.yaml", manifest("alpha"))
-    async with FileRegistry([directory]) as registry:
+    registry = FileRegistry([directory])
+    async with registry.session():
         directory.rename(tmp_path / "elsewhere")  # an unmounted volume, a botched deploy
         with anyio.fail_after(TIMEOUT):
             while True:  # retries of the watcher may log warnings too
@@ -293,7 +297,8 @@ async def test_a_directory_swapped_for_a_new_one_is_followed(
     staged = tmp_path / "models.new"
     staged.mkdir()
     write(staged / "beta.yaml", manifest("beta"))
-    async with FileRegistry([models_dir]) as registry:
+    registry = FileRegistry([models_dir])
+    async with registry.session():
         changes = Changes(registry)
         # A first change through the watcher: past here, only events trigger reloads.
         write(models_dir / "first.yaml", manifest("first"))
@@ -308,25 +313,24 @@ async def test_a_directory_swapped_for_a_new_one_is_followed(
 
 
 @pytest.mark.anyio
-async def test_stop_ends_the_watcher_promptly_and_leaves_no_task(
+async def test_leaving_the_session_ends_the_watcher_promptly_and_leaves_no_task(
     models_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The watcher thread would wake by itself only after a minute: stop() must not wait for it.
+    # The watcher thread would wake by itself only after a minute: leaving must not wait for it.
     monkeypatch.setattr(file_registry, "_WAKE_MS", 60_000)
     before = asyncio.all_tasks()
     registry = FileRegistry([models_dir])
     assert not registry.ready()
-    await registry.start()
-    await anyio.wait_all_tasks_blocked()  # the watcher waits in its thread for events
-    assert asyncio.all_tasks() - before
-    started = anyio.current_time()
-    await registry.stop()
+    async with registry.session():
+        assert registry.ready()
+        await anyio.wait_all_tasks_blocked()  # the watcher waits in its thread for events
+        assert asyncio.all_tasks() - before
+        started = anyio.current_time()
     assert anyio.current_time() - started < 20
     assert asyncio.all_tasks() == before
     assert not registry.ready()
-    await registry.stop()  # idempotent
-    # Restartable, and still reading the files.
-    async with registry:
+    # A new session, still reading the files.
+    async with registry.session():
         assert served(registry) == ["alpha"]
     assert asyncio.all_tasks() == before
 
@@ -339,7 +343,8 @@ async def test_invalid_file_at_start_fails_naming_file_and_every_problem(
     write(models_dir / "bad.yaml", manifest("bad", maxModelLen=1, dtype="fp8", color="red"))
     registry = FileRegistry([models_dir])
     with pytest.raises(ModelValidationError) as caught:
-        await registry.start()
+        async with registry.session():
+            pass
     assert caught.value.source == str(models_dir / "bad.yaml")
     assert caught.value.problems == [
         "document[0]: spec.maxModelLen: must be >= 512",
@@ -354,7 +359,8 @@ async def test_invalid_file_at_start_fails_naming_file_and_every_problem(
 @pytest.mark.anyio
 async def test_missing_path_at_start_fails(tmp_path: Path) -> None:
     with pytest.raises(ModelValidationError) as caught:
-        await FileRegistry([tmp_path / "nope"]).start()
+        async with FileRegistry([tmp_path / "nope"]).session():
+            pass
     assert caught.value.source == str(tmp_path / "nope")
     assert caught.value.problems == ["no such file or directory"]
 

@@ -30,12 +30,9 @@ def model(served: str, *extra: str, max_model_len: int | None = None) -> VLLMMod
 @pytest.fixture
 async def backend() -> AsyncIterator[SimBackend]:
     sim = SimBackend(load_time=0.05, tokens_per_second=0)
-    assert await sim.start(lambda reason: None) is None
-    try:
+    async with sim.session(lambda reason: None) as adopted:
+        assert adopted is None
         yield sim
-    finally:
-        with anyio.fail_after(10):
-            await sim.stop()
 
 
 async def answers(loaded: LoadedModel) -> str:
@@ -98,7 +95,6 @@ async def test_unload_stops_the_server_and_is_idempotent(backend: SimBackend) ->
 
 async def test_cancelled_load_leaves_no_server() -> None:
     backend = SimBackend(load_time=60)
-    await backend.start(lambda reason: None)
     waiting = anyio.Event()
 
     def progress(phase: str) -> None:
@@ -106,16 +102,16 @@ async def test_cancelled_load_leaves_no_server() -> None:
             waiting.set()
 
     base_url = ""
-    with anyio.fail_after(10):  # fails fast, not after the 60 s load
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(backend.load, model("slow"), progress)
-            await waiting.wait()
-            assert backend.server is not None
-            base_url = backend.server.base_url
-            tg.cancel_scope.cancel()
-    assert backend.server is None
-    assert await refuses(base_url)
-    await backend.stop()
+    async with backend.session(lambda reason: None):
+        with anyio.fail_after(10):  # fails fast, not after the 60 s load
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(backend.load, model("slow"), progress)
+                await waiting.wait()
+                assert backend.server is not None
+                base_url = backend.server.base_url
+                tg.cancel_scope.cancel()
+        assert backend.server is None
+        assert await refuses(base_url)
 
 
 async def test_fail_load_hook_raises_load_error_and_leaves_nothing(backend: SimBackend) -> None:
@@ -133,37 +129,31 @@ async def test_fail_load_hook_raises_load_error_and_leaves_nothing(backend: SimB
 
 async def test_api_key_is_required_by_servers_and_used_for_readiness() -> None:
     backend = SimBackend(load_time=0, api_key="upstream-key")
-    await backend.start(lambda reason: None)
-    try:
+    async with backend.session(lambda reason: None):
         with anyio.fail_after(10):
             loaded = await backend.load(model("guarded"), lambda phase: None)
-        assert loaded.headers == ()  # the proxy sends its own --upstream-api-key
         async with httpx.AsyncClient(base_url=loaded.base_url, trust_env=False) as http:
             assert (await http.get("/v1/models")).status_code == 401
             authorized = await http.get(
                 "/v1/models", headers={"Authorization": "Bearer upstream-key"}
             )
             assert authorized.status_code == 200
-    finally:
-        await backend.stop()
 
 
 async def test_crash_reports_the_loss() -> None:
     lost: list[str] = []
     backend = SimBackend(load_time=0)
-    await backend.start(lost.append)
-    with anyio.fail_after(10):
-        loaded = await backend.load(model("a"), lambda phase: None)
-        await backend.crash("pod deleted")
-    assert lost == ["pod deleted"]
-    assert await refuses(loaded.base_url)
-    await backend.stop()
+    async with backend.session(lost.append):
+        with anyio.fail_after(10):
+            loaded = await backend.load(model("a"), lambda phase: None)
+            await backend.crash("pod deleted")
+        assert lost == ["pod deleted"]
+        assert await refuses(loaded.base_url)
 
 
 async def test_stop_stops_the_loaded_server() -> None:
     backend = SimBackend(load_time=0)
-    await backend.start(lambda reason: None)
     with anyio.fail_after(10):
-        loaded = await backend.load(model("a"), lambda phase: None)
-        await backend.stop()
+        async with backend.session(lambda reason: None):
+            loaded = await backend.load(model("a"), lambda phase: None)
     assert await refuses(loaded.base_url)

@@ -11,7 +11,8 @@ later switch in a drain that never ends.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import pytest
@@ -42,12 +43,10 @@ class StormBackend:
     lose_after: int | None = None
     _monitor: asyncio.Task[None] | None = None
 
-    async def start(self, on_lost: LostCallback) -> LoadedModel | None:
+    @asynccontextmanager
+    async def session(self, on_lost: LostCallback) -> AsyncIterator[LoadedModel | None]:
         self.on_lost = on_lost
-        return None
-
-    async def stop(self) -> None:
-        pass
+        yield None
 
     async def load(self, model: VLLMModel, progress: ProgressCallback) -> LoadedModel:
         name = model.served_model_name

@@ -268,8 +268,7 @@ class ModelSwitchMiddleware:
         ASGI servers do this through `lifespan`; use it directly when the middleware is
         mounted inside a framework that does not forward lifespan to mounted apps."""
         async with AsyncExitStack() as stack:
-            await self.registry.start()
-            stack.push_async_callback(self.registry.stop)
+            await stack.enter_async_context(self.registry.session())
             if self._transport is None:
                 client = UpstreamClient(
                     connect_timeout=self.options.upstream_connect_timeout,
@@ -536,7 +535,6 @@ class ModelSwitchMiddleware:
                     base_url=upstream.base_url,
                     path=_upstream_path(scope, path),
                     body=body,
-                    extra_headers=upstream.headers,
                 )
             except UpstreamUnavailable as exc:
                 log.warning("upstream unavailable model=%s: %s", lease.model, exc)

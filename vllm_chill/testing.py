@@ -39,14 +39,12 @@ class ASGIUpstream:
         base_url: str,
         path: str,
         body: bytes,
-        extra_headers: tuple[tuple[str, str], ...] = (),
     ) -> int:
         app = self._apps.get(base_url)
         if app is None:
             raise UpstreamUnavailable(f"no app for {base_url}")
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _DROP_FROM_REQUEST]
         headers.append((b"content-length", str(len(body)).encode()))
-        headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra_headers]
         request: Scope = {
             "type": "http",
             "asgi": {"version": "3.0"},

@@ -110,14 +110,12 @@ async def started(
     cluster: Cluster, lost: Callable[[str], None] | None = None, **options: Any
 ) -> AsyncIterator[K8sDeploymentBackend]:
     backend = make_backend(cluster, **options)
-    await backend.start(lost or Lost())
-    try:
-        yield backend
-    finally:
-        # (no fail_after around it: stop() exits the task group start() entered)
-        begun = time.monotonic()
-        await backend.stop()
-        assert time.monotonic() - begun < FAST  # never waits on a blocked watch thread
+    async with backend.session(lost or Lost()):
+        try:
+            yield backend
+        finally:
+            begun = time.monotonic()
+    assert time.monotonic() - begun < FAST  # never waits on a blocked watch thread
 
 
 async def load(
@@ -624,25 +622,20 @@ async def test_a_restarted_proxy_adopts_the_ready_model_without_touching_it() ->
             await load(backend, MODEL_A)
         patches = len(cluster.server.requests_to("PATCH", DEPLOYMENTS))
         backend = make_backend(cluster, instance_id="after")
-        try:
-            adopted = await backend.start(Lost())
+        async with backend.session(Lost()) as adopted:
             assert adopted == LoadedModel("model-a", cluster.upstream)
             assert await answering_model(adopted) == "model-a"
-        finally:
-            await backend.stop()
         assert len(cluster.server.requests_to("PATCH", DEPLOYMENTS)) == patches
-        assert cluster.replicas() == 1  # stop() never unloads
+        assert cluster.replicas() == 1  # ending the session never unloads
 
 
 async def test_a_proxy_restarted_during_a_load_joins_the_rollout() -> None:
     async with simulated_cluster(models=[A, B], load_time=1.5) as cluster:
         backend = make_backend(cluster, instance_id="before")
-        await backend.start(Lost())
-        async with anyio.create_task_group() as tasks:
+        async with backend.session(Lost()), anyio.create_task_group() as tasks:
             tasks.start_soon(load, backend, MODEL_A)
             await cluster.wait_for(lambda: bool(cluster.pods()))
             tasks.cancel_scope.cancel()  # the proxy dies mid-load (no unload)
-        await backend.stop()
         generation = cluster.get_deployment()["metadata"]["generation"]
 
         async with started(cluster, instance_id="after") as restarted:
@@ -656,24 +649,20 @@ async def test_a_proxy_restarted_during_a_load_joins_the_rollout() -> None:
 async def test_a_proxy_restarted_during_a_load_adopts_nothing_and_waits_to_switch() -> None:
     async with simulated_cluster(models=[A, B], load_time=1.0) as cluster:
         backend = make_backend(cluster, instance_id="before")
-        await backend.start(Lost())
-        async with anyio.create_task_group() as tasks:
+        async with backend.session(Lost()), anyio.create_task_group() as tasks:
             tasks.start_soon(load, backend, MODEL_A)
             await cluster.wait_for(lambda: bool(cluster.pods()))
             tasks.cancel_scope.cancel()
-        await backend.stop()
 
         # The dead proxy will never confirm its rollout: wait that long for its confirmation.
         restarted = make_backend(cluster, instance_id="after", confirm_timeout=1.0)
-        try:
-            assert await restarted.start(Lost()) is None  # mid-rollout: not adopted
+        async with restarted.session(Lost()) as adopted:
+            assert adopted is None  # mid-rollout: not adopted
             phases: list[str] = []
             loaded = await load(restarted, MODEL_B, phases)
             assert any("another replica" in phase for phase in phases)
             assert await answering_model(loaded) == "model-b"
             assert cluster.sim.started == ["model-a", "model-b"]
-        finally:
-            await restarted.stop()
 
 
 # -- the loaded model going away -----------------------------------------------------------------
@@ -817,7 +806,8 @@ async def test_a_pod_whose_vllm_container_cannot_be_told_is_refused_at_start() -
         )
         backend = make_backend(cluster)
         with pytest.raises(RuntimeError, match="--container"):
-            await backend.start(Lost())
+            async with backend.session(Lost()):
+                pass
         async with started(cluster, container="server"):
             pass  # named: fine
 
@@ -831,7 +821,7 @@ async def test_single_model_mode_wakes_the_deployments_model_and_refuses_others(
         registry = DeploymentModelRegistry(
             cluster.api_client, namespace=cluster.namespace, deployment=cluster.deployment
         )
-        async with registry, started(cluster, switch_models=False) as backend:
+        async with registry.session(), started(cluster, switch_models=False) as backend:
             assert await backend.deployed_model_name() == "initial"
             assert [m.served_model_name for m in registry.models()] == ["initial"]
             model = registry.get("initial")
@@ -851,7 +841,8 @@ async def test_a_missing_deployment_is_a_configuration_error_at_start() -> None:
             cluster.api_client, namespace=cluster.namespace, deployment="nope"
         )
         with pytest.raises(RuntimeError, match="ai-apps/nope"):
-            await backend.start(Lost())
+            async with backend.session(Lost()):
+                pass
 
 
 async def test_the_deployment_object_keeps_fields_the_client_does_not_model() -> None:

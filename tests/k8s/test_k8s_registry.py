@@ -26,13 +26,12 @@ B = model_manifest("model-b")
 @asynccontextmanager
 async def running(cluster: Cluster, **options: Any) -> AsyncIterator[CRDRegistry]:
     registry = CRDRegistry(cluster.api_client, cluster.namespace, **options)
-    await registry.start()
-    try:
-        yield registry
-    finally:
-        begun = time.monotonic()
-        await registry.stop()
-        assert time.monotonic() - begun < 5.0  # a watch blocked in a thread does not hold it
+    async with registry.session():
+        try:
+            yield registry
+        finally:
+            begun = time.monotonic()
+    assert time.monotonic() - begun < 5.0  # a watch blocked in a thread does not hold it
 
 
 async def changed(registry: CRDRegistry, action: Callable[[], object]) -> None:

@@ -26,8 +26,6 @@ def lost() -> LostRecorder:
 @pytest.fixture
 async def backend(tracker: Tracker, lost: LostRecorder) -> AsyncIterator[LocalProcessBackend]:
     backend = LocalProcessBackend(standin_command(), grace_period=1.0)
-    assert await backend.start(lost) is None
-    try:
+    async with backend.session(lost) as adopted:
+        assert adopted is None
         yield backend
-    finally:
-        await backend.stop()

@@ -20,7 +20,11 @@ from vllm_chill.backends.local._backend import LocalProcessBackend
 
 async def main(command: str) -> None:
     backend = LocalProcessBackend(command, grace_period=1.0)
-    await backend.start(lambda reason: None)
+    async with backend.session(lambda reason: None):
+        await serve_one(backend)
+
+
+async def serve_one(backend: LocalProcessBackend) -> None:
     model = VLLMModel.from_spec(
         {
             "modelName": "org/orphan",

@@ -111,12 +111,9 @@ async def test_crash_during_load_fails_at_once_with_the_last_output(
 
 async def test_command_not_found_fails_the_load_with_the_reason(tracker: Tracker) -> None:
     backend = LocalProcessBackend("/nonexistent/vllm serve {model} {args}", grace_period=1.0)
-    await backend.start(lambda _: None)
-    try:
+    async with backend.session(lambda _: None):
         with anyio.fail_after(10), pytest.raises(LoadError) as failure:
             await backend.load(make_model("missing"), lambda _: None)
-    finally:
-        await backend.stop()
     assert failure.value.reason.startswith("process exited with status 127 during load")
     assert "cannot start '/nonexistent/vllm': No such file or directory" in failure.value.reason
 
@@ -128,8 +125,7 @@ async def test_a_server_that_loaded_another_model_fails_the_load_at_once(
     # (the model it loaded, as vLLM reports it) is not the model's modelName.
     fixed = standin_command("org/fixed {args} --host 127.0.0.1 --port {port}")
     backend = LocalProcessBackend(fixed, grace_period=1.0)
-    await backend.start(lambda _: None)
-    try:
+    async with backend.session(lambda _: None):
         with anyio.fail_after(10), pytest.raises(LoadError) as failure:
             await backend.load(make_model("wanted", load_time=0.1), lambda _: None)
         reason = failure.value.reason
@@ -139,8 +135,6 @@ async def test_a_server_that_loaded_another_model_fails_the_load_at_once(
         # When the root is the modelName, the same command loads.
         loaded = await backend.load(make_model("fixed", model_name="org/fixed"), lambda _: None)
         assert await chat(loaded) == "hello from fixed"
-    finally:
-        await backend.stop()
     assert len(tracker.started) == 2
 
 
@@ -190,18 +184,20 @@ async def test_cancelling_a_load_leaves_no_process(
     assert await chat(loaded) == "hello from after"
 
 
-async def test_stop_and_unload_leave_no_process(
-    backend: LocalProcessBackend, tracker: Tracker
-) -> None:
-    await backend.load(make_model("one", "--standin-spawn-child"), lambda _: None)
-    await backend.unload()
-    await backend.unload()  # idempotent
-    assert tracker.of("one").leftovers() == []
-    stubborn = make_model("two", "--standin-spawn-child", "--standin-ignore-sigterm")
-    await backend.load(stubborn, lambda _: None)
-    await backend.stop()
+async def test_unload_and_leaving_the_session_leave_no_process(tracker: Tracker) -> None:
+    backend = LocalProcessBackend(standin_command(), grace_period=1.0)
+    async with backend.session(lambda _: None):
+        await backend.load(make_model("one", "--standin-spawn-child"), lambda _: None)
+        await backend.unload()
+        await backend.unload()  # idempotent
+        assert tracker.of("one").leftovers() == []
+        stubborn = make_model("two", "--standin-spawn-child", "--standin-ignore-sigterm")
+        await backend.load(stubborn, lambda _: None)
     assert tracker.of("two").leftovers() == []
-    await backend.stop()  # idempotent (the fixture stops it once more)
+    # A new session on the same backend works.
+    async with backend.session(lambda _: None):
+        loaded = await backend.load(make_model("three"), lambda _: None)
+        assert await chat(loaded) == "hello from three"
 
 
 async def test_placeholders_are_substituted_per_word_without_a_shell(
@@ -221,14 +217,11 @@ async def test_placeholders_are_substituted_per_word_without_a_shell(
     argvs = {}
     for key, template in templates.items():
         backend = LocalProcessBackend(standin_command(template), grace_period=1.0)
-        await backend.start(lambda _: None)
-        try:
+        async with backend.session(lambda _: None):
             loaded = await backend.load(model, lambda _: None)
             assert loaded.served_model_name == served
             assert await chat(loaded) == f"hello from {served}"
             argvs[key] = (await argv_of(loaded), port_of(loaded))
-        finally:
-            await backend.stop()
     flags = model.vllm_args(include_model=False)
     argv, port = argvs["default"]
     assert argv == ["my org/model; echo hi", *flags, "--host", "127.0.0.1", "--port", port]
@@ -252,30 +245,24 @@ async def test_secrets_in_flags_never_reach_logs_or_reasons(tracker: Tracker) ->
     keyed = make_model("keyed", "--api-key", secret)
     # Without the key, /v1/models answers 401: fail at once with what to do.
     plain = LocalProcessBackend(standin_command(), grace_period=1.0)
-    await plain.start(lambda _: None)
-    try:
+    async with plain.session(lambda _: None):
         with anyio.fail_after(10), pytest.raises(LoadError, match="--upstream-api-key"):
             await plain.load(keyed, lambda _: None)
-    finally:
-        await plain.stop()
     # With it, the model loads; and a crash's reason does not show the key either.
     backend = LocalProcessBackend(standin_command(), grace_period=1.0, api_key=secret)
-    await backend.start(lambda _: None)
-    try:
+    async with backend.session(lambda _: None):
         loaded = await backend.load(keyed, lambda _: None)
         assert loaded.served_model_name == "keyed"
         crashing = make_model("crashing", f"--api-key={secret}", "--standin-crash-during-load")
         with pytest.raises(LoadError) as failure:
             await backend.load(crashing, lambda _: None)
-    finally:
-        await backend.stop()
     assert "***" in failure.value.reason and secret not in failure.value.reason
     assert any("--api-key '***'" in line for line in tracker.lines)  # the echoed args
     assert not [line for line in tracker.lines if secret in line]
 
 
-async def test_load_before_start_is_refused() -> None:
-    with pytest.raises(RuntimeError, match="not started"):
+async def test_load_outside_a_session_is_refused() -> None:
+    with pytest.raises(RuntimeError, match="no session open"):
         await LocalProcessBackend().load(make_model("x"), lambda _: None)
 
 

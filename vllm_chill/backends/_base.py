@@ -1,14 +1,19 @@
 """The `Backend` protocol: how a model gets onto the GPUs.
 
-The switch scheduler never talks to Kubernetes or processes directly; it calls these five
-operations and reacts to what they report. Every backend must be cancellation-safe: the
-scheduler wraps `load` in `--model-switch-timeout` and cancels it when the timeout fires, and
-then calls `unload` so that nothing is left half-loaded.
+The switch scheduler never talks to Kubernetes or processes directly; it opens a session and
+calls three operations inside it, reacting to what they report. Every backend must be
+cancellation-safe: the scheduler wraps `load` in `--model-switch-timeout` and cancels it when
+the timeout fires, and then calls `unload` so that nothing is left half-loaded.
+
+A session is an async context manager, so that whatever a backend runs in the background (watches,
+output readers, exit watchers) lives in a task group that opens and closes in one place, nested
+in the caller's: no "start and stop from the same task" rule to remember.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -21,8 +26,6 @@ class LoadedModel:
 
     served_model_name: str
     base_url: str  # e.g. "http://127.0.0.1:8001" — the proxy appends the request path
-    #: Extra headers the proxy adds to every upstream request (rarely needed).
-    headers: tuple[tuple[str, str], ...] = field(default=())
     #: The server's own `/v1/models` entry for the model, as seen when it became ready
     #: (vLLM's `max_model_len`, `root`, ...), when the backend read it.
     entry: Mapping[str, Any] | None = field(default=None, compare=False)
@@ -51,14 +54,12 @@ LostCallback = Callable[[str], None]
 class Backend(Protocol):
     """Loads one model at a time. See the module docstring for the contract."""
 
-    async def start(self, on_lost: LostCallback) -> LoadedModel | None:
-        """Connect, start watches, and return what is loaded and ready right now (so that a
-        restarted proxy does not reload a model that is already up), or None."""
-        ...
-
-    async def stop(self) -> None:
-        """Stop background work. Must not unload a Kubernetes model (other replicas may use it);
-        a process backend stops its children."""
+    def session(self, on_lost: LostCallback) -> AbstractAsyncContextManager[LoadedModel | None]:
+        """Connect and start background work for the length of the `async with`; it yields
+        what is loaded and ready right now (so that a restarted proxy does not reload a model
+        that is already up), or None. Leaving it stops the background work; it must not unload
+        a Kubernetes model (other replicas may use it), while a process backend stops its
+        children. `load`, `unload` and `check` are called only inside a session."""
         ...
 
     async def load(self, model: VLLMModel, progress: ProgressCallback) -> LoadedModel:

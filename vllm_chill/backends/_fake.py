@@ -7,6 +7,8 @@ assert what the scheduler asked for. Loads can also be held open until a test re
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio
@@ -26,7 +28,7 @@ class FakeBackend:
     base_url: str = "http://127.0.0.1:9"
     #: served name -> base URL, overriding `base_url` (one real upstream per model).
     base_urls: dict[str, str] = field(default_factory=dict)
-    #: What `start` reports as already loaded.
+    #: What a new session reports as already loaded.
     preloaded: str | None = None
     #: When set, loads wait for this event before finishing.
     gate: anyio.Event | None = None
@@ -34,16 +36,19 @@ class FakeBackend:
     loaded: str | None = None
     on_lost: LostCallback | None = None
 
-    async def start(self, on_lost: LostCallback) -> LoadedModel | None:
+    @asynccontextmanager
+    async def session(self, on_lost: LostCallback) -> AsyncIterator[LoadedModel | None]:
+        """Recorded as ("start", None) and ("stop", None) in `calls`."""
         self.on_lost = on_lost
         self.calls.append(("start", None))
+        adopted = None
         if self.preloaded is not None:
             self.loaded = self.preloaded
-            return LoadedModel(self.preloaded, self.base_urls.get(self.preloaded, self.base_url))
-        return None
-
-    async def stop(self) -> None:
-        self.calls.append(("stop", None))
+            adopted = LoadedModel(self.preloaded, self.base_urls.get(self.preloaded, self.base_url))
+        try:
+            yield adopted
+        finally:
+            self.calls.append(("stop", None))
 
     async def load(self, model: VLLMModel, progress: ProgressCallback) -> LoadedModel:
         name = model.served_model_name

@@ -292,7 +292,6 @@ class UpstreamTransport(Protocol):
         base_url: str,
         path: str,
         body: bytes,
-        extra_headers: tuple[tuple[str, str], ...] = (),
     ) -> int: ...
 
     async def aclose(self) -> None: ...
@@ -341,7 +340,6 @@ class UpstreamClient:
         origin: _Origin,
         path: str,
         body: bytes,
-        extra_headers: tuple[tuple[str, str], ...],
     ) -> bytes:
         raw: list[tuple[bytes, bytes]] = scope["headers"]
         drop = self._drop
@@ -356,8 +354,6 @@ class UpstreamClient:
                 lines += (key, b": ", value, b"\r\n")
         if self._auth:
             lines.append(self._auth)
-        for key_s, value_s in extra_headers:
-            lines += (key_s.encode("latin-1"), b": ", value_s.encode("latin-1"), b"\r\n")
         lines.append(b"content-length: %d\r\n\r\n" % len(body))
         return b"".join(lines)
 
@@ -369,14 +365,13 @@ class UpstreamClient:
         base_url: str,
         path: str,
         body: bytes,
-        extra_headers: tuple[tuple[str, str], ...] = (),
     ) -> int:
         """Relay the request; return the upstream's status. Raises `UpstreamUnavailable` or
         `UpstreamTimeout` before any byte was sent to the client, `UpstreamAborted` after."""
         origin = self._origins.get(base_url)
         if origin is None:
             origin = self._origins[base_url] = _Origin(base_url, self._ssl_context(base_url))
-        head = self._head(scope, origin, path, body, extra_headers)
+        head = self._head(scope, origin, path, body)
         head_only = scope["method"] == "HEAD"
         conn, reused = await self._acquire(origin)
         try:

@@ -7,9 +7,9 @@ background and tell listeners when it changed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from types import TracebackType
-from typing import Protocol, Self, runtime_checkable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol, runtime_checkable
 
 from vllm_chill._model import VLLMModel
 
@@ -18,11 +18,10 @@ ChangeListener = Callable[[], None]
 
 @runtime_checkable
 class ModelRegistry(Protocol):
-    async def start(self) -> None:
-        """Load the initial set of models and start watching for changes."""
+    def session(self) -> AbstractAsyncContextManager[None]:
+        """Load the initial set of models on entry (a source that cannot be read fails here,
+        before anything serves) and keep it current until the `async with` ends."""
         ...
-
-    async def stop(self) -> None: ...
 
     def get(self, served_model_name: str) -> VLLMModel | None:
         """The model clients call `served_model_name`, or None. No I/O."""
@@ -30,10 +29,6 @@ class ModelRegistry(Protocol):
 
     def models(self) -> Sequence[VLLMModel]:
         """Every defined model, in a stable order. No I/O."""
-        ...
-
-    def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
-        """Call `listener` after every change; returns a function that unsubscribes."""
         ...
 
     def ready(self) -> bool:
@@ -77,18 +72,17 @@ def index_models(models: Iterable[VLLMModel]) -> dict[str, VLLMModel]:
 
 class IndexedRegistry:
     """The in-memory half every registry shares: the index by served name that lookups read
-    without I/O, the listeners, and `async with`. Subclasses fill `_index` and call
-    `_listeners.notify()` when it changed; they define `start`, `stop` and `ready`."""
+    without I/O, and listeners told of every change (`subscribe`: tests and embedding
+    applications wait on it). Subclasses fill `_index`, call `_listeners.notify()` when it
+    changed, and define `session` when they have something to watch, and `ready`."""
 
     def __init__(self) -> None:
         self._index: dict[str, VLLMModel] = {}
         self._listeners = ListenerSet()
 
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[None]:
+        yield
 
     def get(self, served_model_name: str) -> VLLMModel | None:
         return self._index.get(served_model_name)
@@ -98,18 +92,6 @@ class IndexedRegistry:
 
     def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
         return self._listeners.subscribe(listener)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 class StaticRegistry(IndexedRegistry):

@@ -9,7 +9,8 @@ operator's `kubectl edit` is picked up without restarting the proxy.
 from __future__ import annotations
 
 import logging
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -52,21 +53,23 @@ class DeploymentModelRegistry(IndexedRegistry):
         )
         super().__init__()
         self._model: VLLMModel | None = None
-        self._stack: AsyncExitStack | None = None
+        self._in_session = False
 
-    async def start(self) -> None:
-        if self._stack is not None:
-            raise RuntimeError("DeploymentModelRegistry is already started")
-        async with AsyncExitStack() as stack:
-            task_group = await stack.enter_async_context(anyio.create_task_group())
-            stack.callback(task_group.cancel_scope.cancel)
-            await task_group.start(self._informer.run)
-            self._stack = stack.pop_all()
-
-    async def stop(self) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            await stack.aclose()
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[None]:
+        """Watches the Deployment until the session ends."""
+        if self._in_session:
+            raise RuntimeError("DeploymentModelRegistry already has a session open")
+        self._in_session = True
+        try:
+            async with anyio.create_task_group() as task_group:
+                await task_group.start(self._informer.run)
+                try:
+                    yield
+                finally:
+                    task_group.cancel_scope.cancel()
+        finally:
+            self._in_session = False
 
     def ready(self) -> bool:
         return self._informer.ready

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import AsyncExitStack, aclosing
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -216,7 +216,7 @@ class FileRegistry(IndexedRegistry):
         self._by_file: dict[str, tuple[VLLMModel, ...]] = {}
         super().__init__()
         self._reported: dict[str, tuple[str, ...]] = {}
-        self._stack: AsyncExitStack | None = None
+        self._in_session = False
         # Created by start(): anyio primitives belong to the running event loop.
         self._stop: anyio.Event
         self._reload_lock: anyio.Lock
@@ -232,9 +232,12 @@ class FileRegistry(IndexedRegistry):
 
     # -- ModelRegistry -------------------------------------------------------------------
 
-    async def start(self) -> None:
-        if self._stack is not None:
-            raise RuntimeError("FileRegistry is already started")
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[None]:
+        """Reads every manifest (an invalid one fails here, before anything serves) and
+        watches for changes until the session ends."""
+        if self._in_session:
+            raise RuntimeError("FileRegistry already has a session open")
         scan = await anyio.to_thread.run_sync(_scan, self._roots, self._namespace)
         self._by_file = _raise_if_invalid(scan)
         # Every root exists now; a root that is not a file is watched as a directory for good.
@@ -243,28 +246,29 @@ class FileRegistry(IndexedRegistry):
         self._index = _index(self._by_file)
         self._stop = anyio.Event()
         self._reload_lock = anyio.Lock()
-        async with AsyncExitStack() as stack:
-            task_group = await stack.enter_async_context(anyio.create_task_group())
-            stack.callback(task_group.cancel_scope.cancel)
-            stack.callback(self._stop.set)  # runs first: lets the watcher thread return
-            if not HAVE_WATCHFILES:
-                logger.warning("watchfiles is not installed: model files are not reloaded")
-            else:
-                await task_group.start(self._watch)
-            self._stack = stack.pop_all()
-        self._ready = True
-        logger.info(
-            "loaded %d model(s) from %s: %s",
-            len(self._index),
-            ", ".join(self._roots),
-            ", ".join(self._index) or "none",
-        )
-
-    async def stop(self) -> None:
-        self._ready = False
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            await stack.aclose()
+        self._in_session = True
+        try:
+            async with anyio.create_task_group() as task_group:
+                if not HAVE_WATCHFILES:
+                    logger.warning("watchfiles is not installed: model files are not reloaded")
+                else:
+                    await task_group.start(self._watch)
+                self._ready = True
+                logger.info(
+                    "loaded %d model(s) from %s: %s",
+                    len(self._index),
+                    ", ".join(self._roots),
+                    ", ".join(self._index) or "none",
+                )
+                try:
+                    yield
+                finally:
+                    self._ready = False
+                    self._stop.set()  # first: lets the watcher thread return
+                    task_group.cancel_scope.cancel()
+        finally:
+            self._ready = False
+            self._in_session = False
 
     def ready(self) -> bool:
         return self._ready

@@ -13,7 +13,8 @@ sees it in `kubectl get vllmmodels` rather than only in the proxy's log.
 from __future__ import annotations
 
 import logging
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -64,32 +65,36 @@ class CRDRegistry(IndexedRegistry):
         super().__init__()
         self._problems: dict[str, str] = {}
         self._sent: dict[str, tuple[str, str]] = {}
-        self._stack: AsyncExitStack | None = None
+        self._in_session = False
 
     # -- ModelRegistry -------------------------------------------------------------------
 
-    async def start(self) -> None:
-        if self._stack is not None:
-            raise RuntimeError("CRDRegistry is already started")
-        async with AsyncExitStack() as stack:
-            task_group = await stack.enter_async_context(anyio.create_task_group())
-            stack.callback(task_group.cancel_scope.cancel)
-            await task_group.start(self._reporter.run)
-            await task_group.start(self._informer.run)
-            self._stack = stack.pop_all()
-        if self._informer.synced:
-            logger.info(
-                "%d VLLMModel(s) in namespace %s: %s",
-                len(self._index),
-                self._namespace,
-                ", ".join(self._index) or "none",
-            )
-
-    async def stop(self) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            await self._reporter.flush(2.0)
-            await stack.aclose()
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[None]:
+        """Lists the namespace's VLLMModels and watches them (and reports their status) until
+        the session ends."""
+        if self._in_session:
+            raise RuntimeError("CRDRegistry already has a session open")
+        self._in_session = True
+        try:
+            async with anyio.create_task_group() as task_group:
+                await task_group.start(self._reporter.run)
+                await task_group.start(self._informer.run)
+                if self._informer.synced:
+                    logger.info(
+                        "%d VLLMModel(s) in namespace %s: %s",
+                        len(self._index),
+                        self._namespace,
+                        ", ".join(self._index) or "none",
+                    )
+                try:
+                    yield
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._reporter.flush(2.0)
+                    task_group.cancel_scope.cancel()
+        finally:
+            self._in_session = False
 
     def ready(self) -> bool:
         return self._informer.ready

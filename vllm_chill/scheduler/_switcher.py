@@ -112,28 +112,28 @@ class Switcher:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Start the backend, adopt what it already runs, and drive timers until `stop()`.
+        """Open a backend session, adopt what it already runs, and drive timers until `stop()`.
 
-        The backend is started and stopped at the same cancel-scope depth of this task, with no
-        scope of ours around either call: backends may hold a task group from `start` to `stop`,
-        and anyio requires such a group to be closed where it was opened."""
-        loaded = await self.backend.start(self._on_lost)
+        Loads and unloads run in a task group inside the session: they end before it does, and
+        held requests are answered before the backend takes its time to stop."""
         try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                if loaded is not None and self.registry.get(loaded.served_model_name):
-                    self.loaded = loaded
-                    self._apply(self.core.adopt(loaded.served_model_name, self.clock()))
-                    log.info("adopted model=%s already loaded", loaded.served_model_name)
-                self.running = True
-                task_status.started()
-                await self._timer()
-                tg.cancel_scope.cancel()  # loads and unloads in progress end here
+            async with self.backend.session(self._on_lost) as loaded:
+                try:
+                    async with anyio.create_task_group() as tg:
+                        self._tg = tg
+                        if loaded is not None and self.registry.get(loaded.served_model_name):
+                            self.loaded = loaded
+                            self._apply(self.core.adopt(loaded.served_model_name, self.clock()))
+                            log.info("adopted model=%s already loaded", loaded.served_model_name)
+                        self.running = True
+                        task_status.started()
+                        await self._timer()
+                        tg.cancel_scope.cancel()  # loads and unloads in progress end here
+                finally:
+                    self.running = False
+                    self._tg = None
+                    self._fail_all_waiters("the proxy is shutting down")
         finally:
-            self.running = False
-            self._tg = None
-            self._fail_all_waiters("the proxy is shutting down")
-            await self.backend.stop()
             self.stopped.set()
 
     def stop(self) -> None:

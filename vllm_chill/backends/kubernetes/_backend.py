@@ -36,8 +36,8 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Mapping
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any, NoReturn
 
 import anyio
@@ -177,7 +177,7 @@ class K8sDeploymentBackend:
         self._failed: set[str] = set()
         self._reporter = Reporter(api_client, namespace, instance=self._instance)
         self._http: httpx.AsyncClient | None = None
-        self._stack: AsyncExitStack | None = None
+        self._in_session = False
         self._on_lost: LostCallback | None = None
         self._loaded: LoadedModel | None = None
         self._loaded_hash: str | None = None
@@ -202,15 +202,19 @@ class K8sDeploymentBackend:
 
     # -- Backend ----------------------------------------------------------------------------
 
-    async def start(self, on_lost: LostCallback) -> LoadedModel | None:
-        if self._stack is not None:
-            raise RuntimeError("K8sDeploymentBackend is already started")
+    @asynccontextmanager
+    async def session(self, on_lost: LostCallback) -> AsyncIterator[LoadedModel | None]:
+        """Reads the Deployment, starts the watches and the status reporter, and yields the
+        model it already runs when that model is ready (a restarted proxy adopts it). Leaving
+        the session stops the watches; the Deployment is left as it is, since other replicas
+        may be serving from it."""
+        if self._in_session:
+            raise RuntimeError("K8sDeploymentBackend already has a session open")
         deployment = await self._read_at_start()
         try:
             pick_container(deployment, self._container)
         except ArgsError as exc:
             raise RuntimeError(f"Deployment {self._namespace}/{self._name}: {exc}") from None
-        self._on_lost = on_lost
         self._pods = Informer(
             f"pods of Deployment {self._namespace}/{self._name}",
             self._core.list_namespaced_pod,
@@ -219,24 +223,28 @@ class K8sDeploymentBackend:
             notifier=self._notifier,
             watch_timeout=self._watch_timeout,
         )
-        async with AsyncExitStack() as stack:
-            self._http = await stack.enter_async_context(httpx.AsyncClient(timeout=5.0))
-            task_group = await stack.enter_async_context(anyio.create_task_group())
-            stack.callback(task_group.cancel_scope.cancel)
-            await task_group.start(self._reporter.run)
-            await task_group.start(self._deployments.run)
-            await task_group.start(self._pods.run)
-            await task_group.start(self._pod_events.run)
-            self._stack = stack.pop_all()
-        return await self._adopt(self._deployments.get(self._name) or deployment)
-
-    async def stop(self) -> None:
-        stack, self._stack = self._stack, None
-        self._on_lost = None
-        if stack is not None:
-            await self._reporter.flush(2.0)
-            await stack.aclose()
-        self._http = None
+        self._in_session = True
+        self._on_lost = on_lost
+        try:
+            async with (
+                httpx.AsyncClient(timeout=5.0) as http,
+                anyio.create_task_group() as task_group,
+            ):
+                self._http = http
+                await task_group.start(self._reporter.run)
+                await task_group.start(self._deployments.run)
+                await task_group.start(self._pods.run)
+                await task_group.start(self._pod_events.run)
+                try:
+                    yield await self._adopt(self._deployments.get(self._name) or deployment)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._reporter.flush(2.0)
+                    task_group.cancel_scope.cancel()
+        finally:
+            self._on_lost = None
+            self._in_session = False
+            self._http = None
 
     async def load(self, model: VLLMModel, progress: ProgressCallback) -> LoadedModel:
         self._require_started()
@@ -791,8 +799,8 @@ class K8sDeploymentBackend:
     # -- API helpers ----------------------------------------------------------------------------
 
     def _require_started(self) -> None:
-        if self._stack is None:
-            raise RuntimeError("K8sDeploymentBackend.start() was not called")
+        if not self._in_session:
+            raise RuntimeError("K8sDeploymentBackend has no session open")
 
     def _pod_objects(self) -> list[Obj]:
         return self._pods.objects() if self._pods is not None else []

@@ -26,14 +26,12 @@ What is guaranteed about leftover processes:
   orphans (run it with `--init`/tini). Parent-death signals exist only on Linux; elsewhere the
   stdin pipe alone detects the proxy's death.
 
-Needs a POSIX system and the asyncio event loop (uvicorn's, uvloop included): the background
-tasks live in a task group hosted by one task the backend owns, because `start()` and `stop()`
-are called from different cancel scopes of the caller.
+Needs a POSIX system. The background tasks (output readers, exit watchers) live in the
+session's task group.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
@@ -43,7 +41,8 @@ import socket
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -110,7 +109,6 @@ class LocalProcessBackend:
         self._lock = anyio.Lock()  # one load or unload at a time
         self._current: _Server | None = None
         self._on_lost: LostCallback | None = None
-        self._runner: asyncio.Task[None] | None = None
         self._tg: TaskGroup | None = None
         self._closing = False
 
@@ -119,23 +117,35 @@ class LocalProcessBackend:
 
     # -- Backend ---------------------------------------------------------------------------
 
-    async def start(self, on_lost: LostCallback) -> LoadedModel | None:
-        """Start the task that owns the output readers and exit watchers. Nothing runs yet,
-        so nothing is adopted: a model server never outlives the proxy that started it."""
-        if self._runner is not None:
-            raise RuntimeError("LocalProcessBackend is already started")
+    @asynccontextmanager
+    async def session(self, on_lost: LostCallback) -> AsyncIterator[LoadedModel | None]:
+        """The task group that owns the output readers and exit watchers lives as long as the
+        session. Nothing is adopted: a model server never outlives the proxy that started it,
+        and leaving the session stops it (shielded and bounded)."""
+        if self._tg is not None:
+            raise RuntimeError("LocalProcessBackend already has a session open")
         self._on_lost = on_lost
         self._closing = False
-        started = anyio.Event()
-        self._runner = asyncio.get_running_loop().create_task(
-            self._host_tasks(started), name="vllm-chill local backend"
-        )
-        with anyio.fail_after(10):
-            await started.wait()
-        return None
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                try:
+                    yield None
+                finally:
+                    await self._stop_all()
+                    tg.cancel_scope.cancel()
+        finally:
+            self._tg = None
+            self._on_lost = None
+            # Reached with a server still running only when the event loop is torn down
+            # around the session (Ctrl-C in a script). Closing the process transport may then
+            # SIGKILL the supervisor alone, before it could kill the server's workers: kill
+            # the whole group first.
+            if self._current is not None:
+                _signal_group(self._current.pgid, signal.SIGKILL)
 
-    async def stop(self) -> None:
-        """Stop the running server (if any) and the background tasks. Shielded and bounded."""
+    async def _stop_all(self) -> None:
+        """Stop the running server (if any). Shielded and bounded."""
         with anyio.CancelScope(shield=True):
             self._closing = True
             if self._current is not None:
@@ -145,17 +155,11 @@ class LocalProcessBackend:
                 async with self._lock:
                     if self._current is not None:
                         await self._stop_server(self._current)
-            runner, tg = self._runner, self._tg
-            self._runner = self._tg = None
-            if tg is not None:
-                tg.cancel_scope.cancel()
-            if runner is not None:
-                await asyncio.wait({runner}, timeout=5)
 
     async def load(self, model: VLLMModel, progress: ProgressCallback) -> LoadedModel:
         tg = self._tg
         if tg is None or self._closing:
-            raise RuntimeError("LocalProcessBackend is not started")
+            raise RuntimeError("LocalProcessBackend has no session open")
         async with self._lock:
             current = self._current
             if current is not None:
@@ -187,20 +191,6 @@ class LocalProcessBackend:
         return True
 
     # -- starting --------------------------------------------------------------------------
-
-    async def _host_tasks(self, started: anyio.Event) -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                started.set()
-                await anyio.sleep_forever()
-        finally:
-            # Reached with a server still running only when the event loop is torn down
-            # without `stop()` (Ctrl-C in a script). Closing the process transport may then
-            # SIGKILL the supervisor alone, before it could kill the server's workers: kill
-            # the whole group first.
-            if self._current is not None:
-                _signal_group(self._current.pgid, signal.SIGKILL)
 
     async def _spawn(self, model: VLLMModel) -> _Server:
         port = _free_port(self.host)

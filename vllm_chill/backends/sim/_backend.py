@@ -20,7 +20,8 @@ own readiness checks, and the proxy must be given it as its upstream key.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -63,13 +64,17 @@ class SimBackend:
         """The current server (loading or loaded), for tests that inspect what it received."""
         return self._server
 
-    async def start(self, on_lost: LostCallback) -> LoadedModel | None:
+    @asynccontextmanager
+    async def session(self, on_lost: LostCallback) -> AsyncIterator[LoadedModel | None]:
+        """Nothing is adopted: a fresh process has no simulated server running. Leaving the
+        session stops the server it started."""
         self._on_lost = on_lost
-        return None  # a fresh process has no simulated server running
-
-    async def stop(self) -> None:
-        await self.unload()
-        self._on_lost = None
+        try:
+            yield None
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.unload()
+            self._on_lost = None
 
     async def check(self) -> bool:
         return True
