@@ -13,9 +13,10 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
@@ -159,6 +160,43 @@ def _is_operator_path(path: str) -> bool:
     return False
 
 
+def _is_hidden(path: str) -> bool:
+    """Never answered, never passed on: vLLM's operator endpoints, and `/v1/` paths with dot
+    segments (a lenient upstream router would resolve them to something else)."""
+    return _is_operator_path(path) or (path.startswith("/v1/") and _has_dot_segment(path))
+
+
+def _is_response_object(path: str) -> bool:
+    return path.startswith(_RESPONSE_OBJECT) and path.count("/") <= 5
+
+
+def _is_model_list(path: str) -> bool:
+    return path == "/v1/models" or path.startswith("/v1/models/")
+
+
+def _is_v1(path: str) -> bool:
+    return path.startswith("/v1/")
+
+
+def _is_admin(path: str) -> bool:
+    return path.startswith("/proxy/")
+
+
+_Handler = Callable[[Scope, Receive, "_Exchange", str], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """A row of the routing table: a path test, then the handler by method (`methods`), or
+    one `handler` for every method. A method with no handler is answered 405
+    (`other_methods="405"`) or passed to the inner app (`"inner"`)."""
+
+    matches: Callable[[str], bool]
+    methods: Mapping[str, _Handler] | None
+    handler: _Handler | None = None
+    other_methods: Literal["405", "inner"] = "inner"
+
+
 def _peer(scope: Scope) -> str | None:
     """The client's address: what tells a client coming back after a 503 from a new one."""
     client = scope.get("client")
@@ -215,6 +253,8 @@ class ModelSwitchMiddleware:
         self._transport = transport
         self._upstream: UpstreamTransport | None = transport
         self._created = int(time.time())
+        self._routes = self._route_table()
+        self._admin_routes = self._admin_table()
 
     # --- ASGI entry -----------------------------------------------------------------------
 
@@ -352,57 +392,59 @@ class ModelSwitchMiddleware:
 
     # --- routing --------------------------------------------------------------------------
 
+    def _route_table(self) -> tuple[_Route, ...]:
+        """The routing policy, in order: the first row whose path test holds answers."""
+        return (
+            _Route(MODEL_PATHS.__contains__, {"POST": self._proxy}, other_methods="405"),
+            _Route(_is_hidden, None, handler=self._not_found_route),
+            _Route(
+                _is_response_object,
+                {"GET": self._to_served_model, "POST": self._to_served_model},
+                other_methods="405",
+            ),
+            _Route(_is_model_list, {"GET": self._list_models_route}, other_methods="405"),
+            # Any other POST under /v1/ names its model in the body (vLLM grows new endpoints);
+            # other methods there belong to the inner app, if any.
+            _Route(_is_v1, {"POST": self._proxy}, other_methods="inner"),
+            _Route(_is_admin, None, handler=self._admin),
+            _Route(
+                _OWN_EXACT.__contains__,
+                {"GET": self._service, "HEAD": self._service},
+                other_methods="inner",
+            ),
+        )
+
     async def _http(self, scope: Scope, receive: Receive, exchange: _Exchange) -> None:
-        send = exchange.send
         path = _route_path(scope)
         method: str = scope["method"]
-        if path in MODEL_PATHS:
-            if method == "POST":
-                await self._proxy(scope, receive, exchange, path)
-            else:
-                await self._not_allowed(send)
-            return
-        if path.startswith("/v1/"):
-            await self._v1(scope, receive, exchange, path, method)
-            return
-        if _is_operator_path(path):
-            await self._not_found(send, path)
-            return
-        if path.startswith("/proxy/"):
-            await self._admin(scope, receive, send, path, method)
-            return
-        if path in _OWN_EXACT and method in ("GET", "HEAD"):
-            await self._service(send, path)
-            return
+        for route in self._routes:
+            if not route.matches(path):
+                continue
+            handler = route.handler if route.methods is None else route.methods.get(method)
+            if handler is not None:
+                await handler(scope, receive, exchange, path)
+                return
+            if route.other_methods == "405":
+                await self._not_allowed(exchange.send)
+                return
+            break  # "inner": no later row matches this path either
         if self.app is not None:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, exchange.send)
             return
-        await self._not_found(send, path)
+        await self._not_found(exchange.send, path)
 
-    async def _v1(
-        self, scope: Scope, receive: Receive, exchange: _Exchange, path: str, method: str
+    async def _not_found_route(
+        self, scope: Scope, receive: Receive, exchange: _Exchange, path: str
     ) -> None:
-        send = exchange.send
-        if _is_operator_path(path) or _has_dot_segment(path):
-            await self._not_found(send, path)
-            return
-        if path.startswith(_RESPONSE_OBJECT) and path.count("/") <= 5:
-            await self._to_served_model(scope, receive, exchange, path, method)
-            return
-        if path == "/v1/models" or path.startswith("/v1/models/"):
-            if method != "GET":
-                await self._not_allowed(send)
-            elif self._authorized(scope, self._api_keys):
-                await self._list_models(send, path[len("/v1/models/") :] or None)
-            else:
-                await self._unauthorized(send)
-            return
-        if method == "POST":
-            await self._proxy(scope, receive, exchange, path)
-        elif self.app is not None:
-            await self.app(scope, receive, send)
+        await self._not_found(exchange.send, path)
+
+    async def _list_models_route(
+        self, scope: Scope, receive: Receive, exchange: _Exchange, path: str
+    ) -> None:
+        if self._authorized(scope, self._api_keys):
+            await self._list_models(exchange.send, path[len("/v1/models/") :] or None)
         else:
-            await self._not_found(send, path)
+            await self._unauthorized(exchange.send)
 
     # --- the proxied request --------------------------------------------------------------
 
@@ -439,13 +481,13 @@ class ModelSwitchMiddleware:
         await self._serve(scope, receive, exchange, path=path, model=model, body=body)
 
     async def _to_served_model(
-        self, scope: Scope, receive: Receive, exchange: _Exchange, path: str, method: str
+        self, scope: Scope, receive: Receive, exchange: _Exchange, path: str
     ) -> None:
         """`GET /v1/responses/{id}`, `POST /v1/responses/{id}/cancel`: the request names no
         model, so it goes to the model being served, if any (a stored response lives on the
         server that made it; another model's server answers 404)."""
         send = exchange.send
-        if method not in ("GET", "POST") or (method == "POST" and not path.endswith("/cancel")):
+        if scope["method"] == "POST" and not path.endswith("/cancel"):
             await self._not_allowed(send)
             return
         body = await self._client_body(scope, receive, send)
@@ -652,7 +694,10 @@ class ModelSwitchMiddleware:
 
     # --- service and admin endpoints ------------------------------------------------------
 
-    async def _service(self, send: Send, path: str) -> None:
+    async def _service(
+        self, scope: Scope, receive: Receive, exchange: _Exchange, path: str
+    ) -> None:
+        send = exchange.send
         if path == "/health":
             await send_text(send, 200, "OK", b"text/plain; charset=utf-8")
         elif path == "/readyz":
@@ -709,13 +754,21 @@ class ModelSwitchMiddleware:
             return
         await send_json(send, 200, json.dumps(self._model_entry(model)).encode())
 
-    async def _admin(
-        self, scope: Scope, receive: Receive, send: Send, path: str, method: str
-    ) -> None:
+    def _admin_table(self) -> dict[tuple[str, str], _Handler]:
+        return {
+            ("GET", "/proxy/status"): self._admin_status,
+            ("GET", "/proxy/models"): self._admin_models,
+            ("POST", "/proxy/models/switch"): self._admin_switch,
+            ("POST", "/proxy/unload"): self._admin_unload,
+        }
+
+    async def _admin(self, scope: Scope, receive: Receive, exchange: _Exchange, path: str) -> None:
+        send = exchange.send
         keys = self._admin_keys
         if not self._authorized(scope, keys):
             await self._unauthorized(send)
             return
+        method: str = scope["method"]
         if method == "POST" and not keys and not _from_loopback(scope):
             await error_response(
                 send,
@@ -725,29 +778,43 @@ class ModelSwitchMiddleware:
                 "(or --api-key); without one they are allowed from loopback only.",
             )
             return
-        if path == "/proxy/status" and method == "GET":
-            await send_json(send, 200, json.dumps(self.switcher.status()).encode())
-        elif path == "/proxy/models" and method == "GET":
-            models = [
-                {**self._model_entry(m), "name": m.name, "spec": _public_spec(m)}
-                for m in self.registry.models()
-            ]
-            await send_json(send, 200, json.dumps({"object": "list", "data": models}).encode())
-        elif path == "/proxy/models/switch" and method == "POST":
-            await self._admin_switch(scope, receive, send)
-        elif path == "/proxy/unload" and method == "POST":
-            if not self.switcher.running:
-                await self._refused(send, NotRunning())
-            elif self.switcher.request_unload():
-                await send_json(send, 202, b'{"status":"unloading"}')
-            else:
-                await error_response(
-                    send, 409, "load_in_progress", "A load is in progress; unload after it ends."
-                )
-        else:
+        handler = self._admin_routes.get((method, path))
+        if handler is None:
             await self._not_found(send, path)
+        else:
+            await handler(scope, receive, exchange, path)
 
-    async def _admin_switch(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _admin_status(
+        self, scope: Scope, receive: Receive, exchange: _Exchange, path: str
+    ) -> None:
+        await send_json(exchange.send, 200, json.dumps(self.switcher.status()).encode())
+
+    async def _admin_models(
+        self, scope: Scope, receive: Receive, exchange: _Exchange, path: str
+    ) -> None:
+        models = [
+            {**self._model_entry(m), "name": m.name, "spec": _public_spec(m)}
+            for m in self.registry.models()
+        ]
+        await send_json(exchange.send, 200, json.dumps({"object": "list", "data": models}).encode())
+
+    async def _admin_unload(
+        self, scope: Scope, receive: Receive, exchange: _Exchange, path: str
+    ) -> None:
+        send = exchange.send
+        if not self.switcher.running:
+            await self._refused(send, NotRunning())
+        elif self.switcher.request_unload():
+            await send_json(send, 202, b'{"status":"unloading"}')
+        else:
+            await error_response(
+                send, 409, "load_in_progress", "A load is in progress; unload after it ends."
+            )
+
+    async def _admin_switch(
+        self, scope: Scope, receive: Receive, exchange: _Exchange, path: str
+    ) -> None:
+        send = exchange.send
         body = await self._read_body(scope, receive, send)
         if body is None:
             return
