@@ -343,7 +343,7 @@ def test_uvicorn_runs_the_environment_configured_app(models_dir: Path) -> None:
     assert "Application shutdown complete" in server.log
     assert "client-key-123" not in server.log
     records = [json.loads(line) for line in server.lines if line.startswith("{")]
-    assert any(r["logger"] == "vllm_chill.switch" for r in records)
+    assert any(r["logger"] == "vllm_chill.scheduler" for r in records)
 
 
 @pytest.mark.slow

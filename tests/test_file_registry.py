@@ -86,7 +86,7 @@ class Warnings(logging.Handler):
 @pytest.fixture
 def warnings() -> Iterator[Warnings]:
     handler = Warnings()
-    logger = logging.getLogger("vllm_chill.registries._files")
+    logger = logging.getLogger("vllm_chill.registries")
     logger.addHandler(handler)
     try:
         yield handler

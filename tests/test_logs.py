@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vllm_chill.observability._logs import configure_logging
+from vllm_chill.observability._logs import configure_logging, get_logger
 
 _LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.access", "httpx")
 
@@ -32,11 +32,11 @@ def restore_logging() -> Iterator[None]:
 
 def test_text_lines(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("info", "text")
-    logging.getLogger("vllm_chill.switch").info("switch phase=%s model=%s", "loading", "x")
-    logging.getLogger("vllm_chill.switch").debug("not shown at info")
+    logging.getLogger("vllm_chill.scheduler").info("switch phase=%s model=%s", "loading", "x")
+    logging.getLogger("vllm_chill.scheduler").debug("not shown at info")
     line = capsys.readouterr().err
     assert re.fullmatch(
-        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO vllm_chill\.switch "
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO vllm_chill\.scheduler "
         r"switch phase=loading model=x\n",
         line,
     ), line
@@ -44,7 +44,7 @@ def test_text_lines(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_json_lines_with_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("debug", "json")
-    log = logging.getLogger("vllm_chill.proxy")
+    log = logging.getLogger("vllm_chill.middleware")
     log.debug("plain")
     try:
         raise RuntimeError("boom")
@@ -56,7 +56,7 @@ def test_json_lines_with_a_traceback(capsys: pytest.CaptureFixture[str]) -> None
     assert first.keys() == {"ts", "level", "logger", "message"}
     assert (first["level"], first["logger"], first["message"]) == (
         "DEBUG",
-        "vllm_chill.proxy",
+        "vllm_chill.middleware",
         "plain",
     )
     assert second["message"] == "it failed: 42"
@@ -105,3 +105,10 @@ def test_configuring_again_replaces_our_handler(capsys: pytest.CaptureFixture[st
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1
     assert json.loads(lines[0])["message"] == "once"
+
+
+def test_loggers_are_named_by_public_package() -> None:
+    assert (
+        get_logger("vllm_chill.backends.kubernetes._watch").name == "vllm_chill.backends.kubernetes"
+    )
+    assert get_logger("vllm_chill.middleware").name == "vllm_chill.middleware"

@@ -9,7 +9,6 @@ requests are answered 503 in OpenAI's error shape.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
@@ -20,10 +19,10 @@ from vllm_chill._build import build_middleware, load_kubernetes_client
 from vllm_chill.http._asgi import Receive, Scope, Send
 from vllm_chill.http._errors import error_response
 from vllm_chill.middleware import ModelSwitchMiddleware
-from vllm_chill.observability._logs import configure_logging
+from vllm_chill.observability._logs import configure_logging, get_logger
 from vllm_chill.settings import Settings, one_line, parse_settings
 
-log = logging.getLogger("vllm_chill._envapp")
+log = get_logger(__name__)
 
 _NOT_STARTED = (
     "vllm-chill is not configured: the server did not run ASGI lifespan startup "

@@ -8,7 +8,6 @@ manifest given to `serve` (one line on stderr: `vllm-chill serve: error: argumen
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import shlex
@@ -23,7 +22,7 @@ import uvicorn
 from vllm_chill import __version__
 from vllm_chill._build import build_middleware
 from vllm_chill._model import ModelValidationError
-from vllm_chill.observability._logs import configure_logging
+from vllm_chill.observability._logs import configure_logging, get_logger
 from vllm_chill.registries._files import read_models
 from vllm_chill.settings import (
     Parser,
@@ -34,7 +33,7 @@ from vllm_chill.settings import (
     settings_from_namespace,
 )
 
-log = logging.getLogger("vllm_chill.cli")
+log = get_logger(__name__)
 
 EXIT_INVALID = 1
 EXIT_USAGE = 2

@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -43,6 +42,7 @@ from vllm_chill.http._upstream import (
     UpstreamTransport,
     UpstreamUnavailable,
 )
+from vllm_chill.observability._logs import get_logger
 from vllm_chill.observability._metrics import CONTENT_TYPE_LATEST, Metrics
 from vllm_chill.observability._redact import mask_secret_args
 from vllm_chill.registries._base import ModelRegistry
@@ -50,7 +50,7 @@ from vllm_chill.scheduler._core import ModelState
 from vllm_chill.scheduler._refusals import NotRunning, Refused
 from vllm_chill.scheduler._switcher import Lease, Switcher
 
-log = logging.getLogger("vllm_chill.proxy")
+log = get_logger(__name__)
 
 #: POST paths whose JSON body names the model; any other POST /v1/* carrying
 #: "model" is routed too.

@@ -144,7 +144,7 @@ class LostRecorder:
 def tracked_processes() -> Iterator[Tracker]:
     """Every stand-in the local backend starts while this is open (read from its log);
     on exit, none may be left."""
-    logger = logging.getLogger("vllm_chill.local")
+    logger = logging.getLogger("vllm_chill.backends.local")
     handler = Tracker()
     previous = logger.level
     logger.setLevel(logging.INFO)

@@ -16,7 +16,6 @@ aiohttp's request machinery ~200-300 µs of CPU per request; this path costs ~20
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
 import time
 from typing import Protocol, cast
@@ -25,8 +24,9 @@ from urllib.parse import urlsplit
 import httptools
 
 from vllm_chill.http._asgi import Scope, Send
+from vllm_chill.observability._logs import get_logger
 
-log = logging.getLogger("vllm_chill.http._upstream")
+log = get_logger(__name__)
 
 #: RFC 9110 section 7.6.1 hop-by-hop headers, plus those a proxy must set itself.
 HOP_BY_HOP = frozenset(

@@ -2,7 +2,7 @@
 
 Text lines lead with a UTC timestamp and the level so that they sort and grep well:
 
-    2026-11-27T03:10:00.123Z INFO vllm_chill.switch switch phase=loading model=x
+    2026-11-27T03:10:00.123Z INFO vllm_chill.scheduler switch phase=loading model=x
 
 JSON lines are one object each (`ts`, `level`, `logger`, `message`, and `exc_info` as a string
 when there is a traceback) for log shippers. Secrets given to `configure_logging` are replaced by
@@ -23,6 +23,15 @@ _NOISY = ("httpx", "httpcore", "watchfiles", "urllib3", "kubernetes", "asyncio")
 _UVICORN = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
 #: Secrets shorter than this are not redacted: replacing every "1" would garble the logs.
 _MIN_SECRET = 4
+
+
+def get_logger(module: str) -> logging.Logger:
+    """The logger of `module`, named by its public package: `vllm_chill.backends.local._backend`
+    logs as `vllm_chill.backends.local`. Operators filter on these names; private module names
+    would leak the layout of the code into their configuration."""
+    return logging.getLogger(
+        ".".join(part for part in module.split(".") if not part.startswith("_"))
+    )
 
 
 def _timestamp(record: logging.LogRecord) -> str:

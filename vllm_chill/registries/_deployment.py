@@ -8,7 +8,6 @@ operator's `kubectl edit` is picked up without restarting the proxy.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,9 +18,10 @@ from kubernetes import client as k8s_client
 from vllm_chill._model import VLLMModel
 from vllm_chill.backends.kubernetes._backend import model_from_deployment
 from vllm_chill.backends.kubernetes._watch import Informer
+from vllm_chill.observability._logs import get_logger
 from vllm_chill.registries._base import IndexedRegistry
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class DeploymentModelRegistry(IndexedRegistry):

@@ -14,7 +14,6 @@ validation before serving.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
@@ -33,9 +32,10 @@ except ImportError:  # pragma: no cover - only in a broken install
     HAVE_WATCHFILES = False
 
 from vllm_chill._model import KIND, ModelValidationError, VLLMModel
+from vllm_chill.observability._logs import get_logger
 from vllm_chill.registries._base import IndexedRegistry, index_models
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 MANIFEST_SUFFIXES = (".yaml", ".yml")
 # Retry delays when the watcher itself fails (a watched directory vanished, inotify limits).

@@ -12,7 +12,6 @@ sees it in `kubectl get vllmmodels` rather than only in the proxy's log.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,9 +23,10 @@ from vllm_chill._model import API_GROUP, API_VERSION, KIND, PLURAL, ModelValidat
 from vllm_chill.backends.kubernetes._api import Obj
 from vllm_chill.backends.kubernetes._reporting import Reporter
 from vllm_chill.backends.kubernetes._watch import Informer
+from vllm_chill.observability._logs import get_logger
 from vllm_chill.registries._base import IndexedRegistry
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 #: Prefix of the `Failed` messages this registry writes, so it can clear them once fixed.
 INVALID_PREFIX = "invalid VLLMModel: "

@@ -8,7 +8,6 @@ thread, between awaits, so no lock is needed.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from vllm_chill._options import ProxyOptions
 from vllm_chill.backends._base import Backend, LoadedModel, LoadError
+from vllm_chill.observability._logs import get_logger
 from vllm_chill.observability._metrics import Metrics
 from vllm_chill.registries._base import ModelRegistry
 from vllm_chill.scheduler._core import (
@@ -41,7 +41,7 @@ from vllm_chill.scheduler._core import (
 )
 from vllm_chill.scheduler._refusals import LoadFailed, ModelLoading, NotRunning, TooManyWaiting
 
-log = logging.getLogger("vllm_chill.switch")
+log = get_logger(__name__)
 
 #: Longest an unload may take before it is reported as failed (the state still moves on).
 UNLOAD_TIMEOUT = 120.0

@@ -32,7 +32,6 @@ model waits for it as for any switch by another replica.
 from __future__ import annotations
 
 import datetime
-import logging
 import socket
 import time
 import uuid
@@ -87,8 +86,9 @@ from vllm_chill.backends.kubernetes._rollout import (
     replicas,
 )
 from vllm_chill.backends.kubernetes._watch import Informer, Notifier, PodEvents
+from vllm_chill.observability._logs import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 #: How long a claim (written, not yet rolled out) by another replica is honoured.
 CLAIM_TIMEOUT_S = 60.0

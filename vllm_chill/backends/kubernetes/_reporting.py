@@ -10,7 +10,6 @@ kind of write and the proxy carries on.
 from __future__ import annotations
 
 import datetime
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
@@ -27,8 +26,9 @@ from vllm_chill.backends.kubernetes._api import (
     Obj,
     call,
 )
+from vllm_chill.observability._logs import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 Phase = Literal["Pending", "Loading", "Ready", "Failed", "Unloaded"]
 EventType = Literal["Normal", "Warning"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import socket
 import threading
 import time
@@ -27,8 +26,9 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch import watch as k8s_watch
 
 from vllm_chill.backends.kubernetes._api import GONE, ApiError, Backoff, Obj, api_error, call
+from vllm_chill.observability._logs import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class Notifier:

@@ -5,7 +5,7 @@ For the machine with GPUs and no cluster. Each load starts the `--command` templ
 `/v1/models` lists the served name with the model's `modelName` as its `root` (what vLLM
 reports as the model it loaded). A server that lists the served name with another `root`
 loaded something else (a `--command` with a fixed model, say): the load fails at once. The
-server's output is logged line by line under `vllm_chill.local`, prefixed with the served
+server's output is logged line by line under `vllm_chill.backends.local`, prefixed with the served
 name, and its last lines are the reason of a failed load, because a crash during load (`CUDA
 out of memory`, `unrecognized arguments`) is what the operator must see, and see at once rather
 than after `--model-switch-timeout`.
@@ -32,7 +32,6 @@ session's task group.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shlex
@@ -53,9 +52,10 @@ from anyio.abc import Process, TaskGroup
 from vllm_chill._model import VLLMModel
 from vllm_chill.backends._base import LoadedModel, LoadError, LostCallback, ProgressCallback
 from vllm_chill.backends.local._command import DEFAULT_COMMAND, CommandTemplate
+from vllm_chill.observability._logs import get_logger
 from vllm_chill.observability._redact import SECRET_FLAG
 
-log = logging.getLogger("vllm_chill.local")
+log = get_logger(__name__)
 
 SUPERVISOR = Path(__file__).with_name("_supervisor.py")
 #: After SIGKILL, how long the kernel may take to tear the group down (a process releasing GPU

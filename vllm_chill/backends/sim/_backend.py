@@ -19,7 +19,6 @@ own readiness checks, and the proxy must be given it as its upstream key.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -30,8 +29,9 @@ import httpx
 from vllm_chill._model import VLLMModel
 from vllm_chill.backends._base import LoadedModel, LoadError, LostCallback, ProgressCallback
 from vllm_chill.backends.sim._server import SimModelServer
+from vllm_chill.observability._logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 FAIL_LOAD_FLAG = "--sim-fail-load"
 #: How long a started server may take beyond its load time to answer; generous, since it only

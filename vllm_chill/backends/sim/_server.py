@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -25,8 +24,9 @@ import anyio
 import uvicorn
 
 from vllm_chill.backends.sim._app import SimApp, SimStats
+from vllm_chill.observability._logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: How long `stop` lets uvicorn shut down gracefully before forcing it, and then cancelling it.
 STOP_GRACE = 2.0
