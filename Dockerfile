@@ -10,8 +10,7 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY vllm_chill ./vllm_chill
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
- && pip wheel --no-cache-dir --wheel-dir /wheels /wheels/vllm_chill-*.whl
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[kubernetes]'
 
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -19,7 +18,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY --from=build /wheels /wheels
-RUN pip install --no-index --find-links /wheels vllm-chill \
+RUN pip install --no-index --find-links /wheels 'vllm-chill[kubernetes]' \
  && rm -rf /wheels \
  && groupadd --system --gid 10001 vllm-chill \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin vllm-chill

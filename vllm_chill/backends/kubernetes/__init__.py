@@ -5,6 +5,13 @@ Importing this package imports the `kubernetes` client but does nothing else (no
 no threads); everything starts in the backend's session.
 """
 
+try:
+    import kubernetes  # noqa: F401 - only to say what is missing, in one line
+except ImportError:  # pragma: no cover - the test environment has the extra
+    raise ImportError(
+        "the Kubernetes backend needs the kubernetes client: pip install 'vllm-chill[kubernetes]'"
+    ) from None
+
 from vllm_chill.backends.kubernetes._api import ApiError, load_api_client, namespace_from_pod
 from vllm_chill.backends.kubernetes._backend import K8sDeploymentBackend, model_from_deployment
 
