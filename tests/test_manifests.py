@@ -279,7 +279,15 @@ def test_example_settings() -> None:
 # -- agreement between the CRD schema and VLLMModel ------------------------------------------
 
 BASE = {"modelName": "org/model", "servedModelName": "served"}
-UNSET = object()
+class _Unset:
+    """A field left out of the manifest; its repr names it in test ids, the same in every
+    process (parallel workers must collect the same ids)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = _Unset()
 
 # (field, value): each breaks exactly one rule of the table. UNSET removes the field.
 INVALID = [
