@@ -519,10 +519,8 @@ class ModelSwitchMiddleware:
         name = model.served_model_name
         started = time.monotonic()
         status = 499  # client closed request, unless we learn better
-        # Our own interruption (the client left, or the switch cut the request) is caught by
-        # this scope and ends the request here; any other cancellation (shutdown) goes on.
-        with anyio.CancelScope() as interruptible:
-            exchange.arm(receive, interruptible)
+        task = exchange.arm(receive)
+        try:
             try:
                 lease = await self.switcher.acquire(name, self.options.max_wait, _peer(scope))
             except Refused as refused:
@@ -530,10 +528,15 @@ class ModelSwitchMiddleware:
                 status = 503
             else:
                 status = await self._relay(scope, exchange, path, body, lease)
-            finally:
-                exchange.disarm()
-        if exchange.interrupted == "cut" and interruptible.cancelled_caught:
-            status = await self._cut(exchange, name, _peer(scope))
+        except asyncio.CancelledError:
+            # Our own interruption (the client left, or the switch cut the request) ends the
+            # request here; any other cancellation (shutdown) goes on.
+            if exchange.interrupted is None or task.uncancel() > 0:
+                raise
+            if exchange.interrupted == "cut":
+                status = await self._cut(exchange, name, _peer(scope))
+        finally:
+            exchange.disarm()
         metrics = self.metrics.model(name)
         metrics.count(status)
         metrics.duration.observe(time.monotonic() - started)
@@ -843,14 +846,16 @@ class _Exchange:
     """One HTTP exchange: whether its response started and completed, and the interruption
     of a proxied request by the client leaving or by the switch cutting it.
 
-    The interruption cancels the anyio cancel scope that `_serve` puts around the wait and the
-    relay, so it is delivered inside that region and can never escape into the server's code.
-    The one task that watches for the client leaving is owned by the exchange rather than by a
-    task group: a task group per request costs ~30 µs of CPU (six times a bare task), a tenth
-    of the whole request. The watcher ends by itself when the response completes (the server
-    then reports `http.disconnect`), and `disarm` cancels it otherwise."""
+    The interruption cancels the request's own asyncio task, but only while it is *armed*
+    (between `arm` and `disarm`, which `_serve` brackets with the handler that absorbs it):
+    a cancellation requested while the task waits inside that region is delivered at that
+    await, inside the region, so it can never escape into the server's code. This replaces an
+    anyio task group and cancel scopes, which cost ~200 µs of CPU per request on the benchmark
+    machine (docs/performance.md). One plain watcher task remains, owned by the request: it
+    ends by itself when the response completes (the server then reports `http.disconnect`),
+    and `disarm` cancels it otherwise."""
 
-    __slots__ = ("_scope", "_send", "_watcher", "done", "interrupted", "started")
+    __slots__ = ("_send", "_task", "_watcher", "done", "interrupted", "started")
 
     def __init__(self, send: Send) -> None:
         self._send = send
@@ -858,7 +863,7 @@ class _Exchange:
         self.done = False
         #: Why the request was interrupted: "disconnect" or "cut"; None while it was not.
         self.interrupted: str | None = None
-        self._scope: anyio.CancelScope | None = None
+        self._task: asyncio.Task[Any] | None = None
         self._watcher: asyncio.Task[None] | None = None
 
     async def send(self, message: Message) -> None:
@@ -869,12 +874,16 @@ class _Exchange:
             self.started = True
         await self._send(message)
 
-    def arm(self, receive: Receive, scope: anyio.CancelScope) -> None:
-        self._scope = scope
+    def arm(self, receive: Receive) -> asyncio.Task[Any]:
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - always called from a task
+            raise RuntimeError("no current task")
+        self._task = task
         self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+        return task
 
     def disarm(self) -> None:
-        self._scope = None
+        self._task = None
         watcher = self._watcher
         if watcher is not None:
             # Dropped first: a cancelled task keeps its CancelledError, whose traceback holds
@@ -889,9 +898,9 @@ class _Exchange:
         self._interrupt("cut")
 
     def _interrupt(self, why: str) -> None:
-        if self._scope is not None and self.interrupted is None and not self.done:
+        if self._task is not None and self.interrupted is None and not self.done:
             self.interrupted = why
-            self._scope.cancel()
+            self._task.cancel()
 
     async def _watch(self, receive: Receive) -> None:
         """The body was read already, so the next message can only be the client leaving
