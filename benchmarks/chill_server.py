@@ -5,9 +5,9 @@ it (uvloop, httptools, no server header) with the access log off.
 
     python benchmarks/chill_server.py --port 8001 --upstream http://127.0.0.1:8000
 
-`--client aiohttp` or `--client httpx` swaps vllm-chill's own upstream client for the one kept
-in `benchmarks/aiohttp_upstream.py` or `benchmarks/httpx_upstream.py` (same interface), to
-compare them under the same load. `--tree DIR` imports `vllm_chill` from another source tree
+`--client aiohttp` or `--client httpx` hands the middleware the upstream transport kept in
+`benchmarks/aiohttp_upstream.py` or `benchmarks/httpx_upstream.py` instead of its own client,
+to compare them under the same load. `--tree DIR` imports `vllm_chill` from another source tree
 (say `git archive <rev> vllm_chill | tar -x -C DIR`), to measure a baseline in the same run.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -34,7 +35,6 @@ def main() -> None:
     sys.path[:0] = [str(args.tree.resolve()), str(HERE)]
 
     # Imported here, after the source tree is chosen.
-    import vllm_chill.middleware  # noqa: PLC0415
     from vllm_chill import (  # noqa: PLC0415
         FakeBackend,
         ModelSwitchMiddleware,
@@ -42,19 +42,21 @@ def main() -> None:
         VLLMModel,
     )
 
+    transport: Any = None  # vllm-chill's own client
     if args.client == "aiohttp":
         from aiohttp_upstream import AiohttpUpstreamClient  # noqa: PLC0415
 
-        vllm_chill.middleware.UpstreamClient = AiohttpUpstreamClient  # type: ignore[misc]
+        transport = AiohttpUpstreamClient()
     elif args.client == "httpx":
         from httpx_upstream import HttpxUpstreamClient  # noqa: PLC0415
 
-        vllm_chill.middleware.UpstreamClient = HttpxUpstreamClient  # type: ignore[misc]
+        transport = HttpxUpstreamClient()
 
     model = VLLMModel.from_spec({"modelName": f"org/{args.model}", "servedModelName": args.model})
     app = ModelSwitchMiddleware(
         registry=StaticRegistry([model]),
         backend=FakeBackend(base_url=args.upstream, preloaded=args.model),
+        transport=transport,
         idle_timeout=0,  # never unload during a benchmark
     )
     uvicorn.run(

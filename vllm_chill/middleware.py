@@ -849,11 +849,16 @@ class _Exchange:
     The interruption cancels the request's own asyncio task, but only while it is *armed*
     (between `arm` and `disarm`, which `_serve` brackets with the handler that absorbs it):
     a cancellation requested while the task waits inside that region is delivered at that
-    await, inside the region, so it can never escape into the server's code. This replaces an
-    anyio task group and cancel scopes, which cost ~200 µs of CPU per request on the benchmark
-    machine (docs/performance.md). One plain watcher task remains, owned by the request: it
-    ends by itself when the response completes (the server then reports `http.disconnect`),
-    and `disarm` cancels it otherwise."""
+    await, inside the region, so it can never escape into the server's code.
+
+    Everything else in vllm-chill is structured with anyio (task groups own every background
+    task; cancel scopes bound every wait). This is the one place that uses plain asyncio, on
+    purpose: the request runs in a task the ASGI server created, and anyio's first cancel scope
+    in such a task sets up its per-task state (~7 µs of CPU per request); a task group costs
+    ~30 µs. Measured side by side (docs/performance.md), the anyio version made the proxy's
+    CPU per request at 64 connections noticeably worse. One plain watcher task remains, owned
+    by the request: it ends by itself when the response completes (the server then reports
+    `http.disconnect`), and `disarm` cancels it otherwise."""
 
     __slots__ = ("_send", "_task", "_watcher", "done", "interrupted", "started")
 
