@@ -121,3 +121,26 @@ def test_importing_the_package_loads_no_backend_and_no_kubernetes_client() -> No
         or (name.startswith("vllm_chill.registries._") and name != "vllm_chill.registries._base")
     ]
     assert heavy == []
+
+
+def test_the_kubernetes_backend_without_its_extra_is_a_one_line_error() -> None:
+    """`pip install vllm-chill` leaves the kubernetes client out; asking for the backend says
+    how to get it, in one line, with the usage-error status."""
+    run_cli_without_kubernetes = (
+        "import sys; sys.modules['kubernetes'] = None;"
+        "from vllm_chill.cli import main;"
+        "sys.argv = ['vllm-chill', 'serve', '--backend', 'kubernetes', '--deployment', 'vllm'];"
+        "sys.exit(main())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", run_cli_without_kubernetes],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "vllm-chill serve: error: argument --backend: the Kubernetes backend needs the "
+        "kubernetes client: pip install 'vllm-chill[kubernetes]'"
+    ]

@@ -66,7 +66,10 @@ def _file_registry(settings: Settings, namespace: str | None = None) -> ModelReg
 def _kubernetes(settings: Settings, api_client: Any) -> tuple[ModelRegistry, Backend]:
     if settings.deployment is None or settings.upstream is None:
         raise SettingsError("argument --deployment: required with the kubernetes backend")
-    from vllm_chill.backends.kubernetes._backend import K8sDeploymentBackend  # noqa: PLC0415
+    try:
+        from vllm_chill.backends.kubernetes._backend import K8sDeploymentBackend  # noqa: PLC0415
+    except ImportError as exc:  # the `kubernetes` extra is not installed
+        raise SettingsError(f"argument --backend: {exc}") from None
 
     if api_client is None:
         api_client = load_kubernetes_client(settings)
