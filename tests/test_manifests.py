@@ -279,6 +279,8 @@ def test_example_settings() -> None:
 # -- agreement between the CRD schema and VLLMModel ------------------------------------------
 
 BASE = {"modelName": "org/model", "servedModelName": "served"}
+
+
 class _Unset:
     """A field left out of the manifest; its repr names it in test ids, the same in every
     process (parallel workers must collect the same ids)."""
