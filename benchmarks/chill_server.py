@@ -53,12 +53,12 @@ def main() -> None:
         transport = HttpxUpstreamClient()
 
     model = VLLMModel.from_spec({"modelName": f"org/{args.model}", "servedModelName": args.model})
-    app = ModelSwitchMiddleware(
-        registry=StaticRegistry([model]),
-        backend=FakeBackend(base_url=args.upstream, preloaded=args.model),
-        transport=transport,
-        idle_timeout=0,  # never unload during a benchmark
-    )
+    parts: dict[str, Any] = {
+        "registry": StaticRegistry([model]),
+        "backend": FakeBackend(base_url=args.upstream, preloaded=args.model),
+        "transport": transport,
+    }
+    app = ModelSwitchMiddleware(**parts, **never_idle())
     uvicorn.run(
         app,
         host="127.0.0.1",
@@ -72,6 +72,16 @@ def main() -> None:
         server_header=False,
         backlog=4096,
     )
+
+
+def never_idle() -> dict[str, Any]:
+    """The keyword that keeps the model loaded during a benchmark, in this tree's words (a
+    `--tree` from before the settings object took it as a plain keyword)."""
+    try:
+        from vllm_chill.settings import Settings, SwitchingSettings  # noqa: PLC0415
+    except ImportError:
+        return {"idle_timeout": 0}
+    return {"settings": Settings(switching=SwitchingSettings(idle_timeout=0))}
 
 
 if __name__ == "__main__":

@@ -81,6 +81,8 @@ async def one_request(app: Any) -> None:
 
 
 async def measure(requests: int, profile: bool) -> float:
+    from chill_server import never_idle  # noqa: PLC0415 - after the tree is chosen
+
     from vllm_chill import (  # noqa: PLC0415
         FakeBackend,
         ModelSwitchMiddleware,
@@ -92,7 +94,7 @@ async def measure(requests: int, profile: bool) -> float:
     parts: dict[str, Any] = {
         "registry": StaticRegistry([model]),
         "backend": FakeBackend(preloaded="bench-model"),
-        "idle_timeout": 0,
+        **never_idle(),
     }
     try:
         app = ModelSwitchMiddleware(transport=StubUpstream(), **parts)

@@ -36,6 +36,7 @@ import httpx
 from vllm_chill import ModelSwitchMiddleware, StaticRegistry, VLLMModel
 from vllm_chill.backends.sim._backend import SimBackend
 from vllm_chill.scheduler._core import Phase
+from vllm_chill.settings import Settings, SwitchingSettings
 
 MARK_START = "<!-- switching-results:start (written by benchmarks/switching.py) -->"
 MARK_END = "<!-- switching-results:end -->"
@@ -61,14 +62,14 @@ class Timeline:
 
 @asynccontextmanager
 async def proxy(
-    load_time: float, users: int = 1, **options: Any
+    load_time: float, users: int = 1, max_wait: float = 0.0
 ) -> AsyncIterator[tuple[list[httpx.AsyncClient], Any]]:
     """The proxy in front of simulated servers; one HTTP client per user, each from an address
     of its own (the proxy tells users apart by address)."""
     app = ModelSwitchMiddleware(
         registry=StaticRegistry(spec(m) for m in MODELS),
         backend=SimBackend(load_time=load_time, tokens_per_second=0),
-        **options,
+        settings=Settings(switching=SwitchingSettings(max_wait=max_wait)),
     )
     async with app.running(), AsyncExitStack() as stack:
         clients = [
@@ -103,12 +104,12 @@ async def until_answered(
 
 async def single_user(load_time: float) -> dict[str, float]:
     results: dict[str, float] = {}
-    for label, options, poll in (
-        ("held", {"max_wait": 60.0}, None),
-        ("retrying every 100 ms", {}, 0.1),
-        ("sleeping each Retry-After (the openai client)", {}, None),
+    for label, max_wait, poll in (
+        ("held", 60.0, None),
+        ("retrying every 100 ms", 0.0, 0.1),
+        ("sleeping each Retry-After (the openai client)", 0.0, None),
     ):
-        async with proxy(load_time, **options) as ([http], _):
+        async with proxy(load_time, max_wait=max_wait) as ([http], _):
             for model in MODELS:  # learn the load times
                 await until_answered(http, model, poll=0.05)
             switches = [

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.configs import make_settings
 from vllm_chill import FakeBackend, ModelSwitchMiddleware, StaticRegistry, VLLMModel
 
 pytestmark = pytest.mark.anyio
@@ -30,7 +31,7 @@ async def client(
     proxy = ModelSwitchMiddleware(
         registry=StaticRegistry(models or [spec("alpha"), spec("beta")]),
         backend=FakeBackend(),
-        **options,
+        settings=make_settings(**options),
     )
     transport = httpx.ASGITransport(app=proxy, client=peer)
     async with proxy.running(), httpx.AsyncClient(transport=transport, base_url="http://t") as c:

@@ -518,7 +518,7 @@ def test_the_example_command_builds_the_kubernetes_backend(extra: list[str], reg
     app = build_middleware(settings, api_client=_offline_api_client())
     assert type(app.backend).__name__ == "K8sDeploymentBackend"
     assert type(app.registry).__name__ == registry
-    assert app.options.model_switch_timeout == 300
+    assert app.settings.switching.model_switch_timeout == 300
 
 
 def test_options_reach_the_middleware(models_dir: Path) -> None:
@@ -529,13 +529,27 @@ def test_options_reach_the_middleware(models_dir: Path) -> None:
             "--max-wait=2s",
             "--api-key=k1",
             "--api-key=k2",
+            "--min-residency=7s",
+            "--quiet-gap=1s",
+            "--first-load-estimate=2m",
+            "--failure-backoff=3s",
+            "--failure-backoff-max=1m",
+            "--drain-timeout=9s",
+            "--max-waiting=17",
         ],
         {"VLLM_CHILL_IDLE_TIMEOUT": "0", "VLLM_CHILL_UPSTREAM_API_KEY": "up"},
     )
     app = build_middleware(settings)
-    assert app.options == settings.proxy_options()
-    assert (app.options.max_wait, app.options.idle_timeout) == (2, 0)
-    assert (app.options.api_keys, app.options.upstream_api_key) == (("k1", "k2"), "up")
+    assert app.settings == settings
+    assert (settings.switching.max_wait, settings.switching.idle_timeout) == (2, 0)
+    assert (settings.security.api_keys, settings.upstream.api_key) == (("k1", "k2"), "up")
+    # Every switching setting the decision core has reaches it, under the same name.
+    core = app.switcher.core
+    shared = set(vars(settings.switching)) & set(vars(core))
+    assert shared >= {"idle_timeout", "min_residency", "quiet_gap", "first_load_estimate"}
+    for name in shared:
+        assert getattr(core, name) == getattr(settings.switching, name), name
+    assert core.max_waiting == 17
 
 
 @pytest.mark.slow

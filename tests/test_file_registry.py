@@ -222,8 +222,14 @@ async def test_rewriting_a_file_with_the_same_models_does_not_notify(
     models_dir: Path, registry: FileRegistry
 ) -> None:
     changes = Changes(registry)
-    # Same model, defaults spelled out: no change for subscribers.
-    write(models_dir / "alpha.yaml", manifest("alpha", maxModelLen=4096, dtype="auto"))
+    # The same model, written differently (a comment, another key order): no change for
+    # subscribers, so nothing that runs it is restarted.
+    text = "# reformatted\n" + manifest("alpha").replace(
+        "  modelName: org/alpha\n  servedModelName: alpha\n",
+        "  servedModelName: alpha\n  modelName: 'org/alpha'\n",
+    )
+    assert text != (models_dir / "alpha.yaml").read_text()
+    write(models_dir / "alpha.yaml", text)
     # A real change afterwards proves the rewrite above was processed first, without a signal.
     write(models_dir / "beta.yaml", manifest("beta"))
     await changes.next()

@@ -14,6 +14,7 @@ import httpx2
 import openai
 import pytest
 
+from tests.configs import make_settings
 from vllm_chill import ModelSwitchMiddleware, StaticRegistry, VLLMModel
 from vllm_chill.backends.sim._app import SimApp
 from vllm_chill.testing import ASGIUpstream, FakeBackend
@@ -41,7 +42,7 @@ async def in_process(
         registry=StaticRegistry(spec(m) for m in MODELS),
         backend=backend,
         transport=ASGIUpstream(apps),
-        **options,
+        settings=make_settings(**options),
     )
     async with (
         proxy.running(),

@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
+from tests.configs import make_settings
 from tests.servers import serve
 from vllm_chill import FakeBackend, ModelSwitchMiddleware, StaticRegistry, VLLMModel
 from vllm_chill.backends.sim._server import SimModelServer
@@ -40,7 +41,9 @@ async def test_wrapping_an_app_forwards_other_paths_and_lifespan() -> None:
     inner = Starlette(routes=[Route("/hello", hello)], lifespan=lifespan)
     async with SimModelServer("m", load_time=0, tokens_per_second=0) as sim:
         backend = FakeBackend(base_url=sim.base_url)
-        proxy = ModelSwitchMiddleware(inner, registry=registry(), backend=backend, max_wait=5)
+        proxy = ModelSwitchMiddleware(
+            inner, registry=registry(), backend=backend, settings=make_settings(max_wait=5)
+        )
         async with serve(proxy) as url, httpx.AsyncClient() as http:
             assert events == ["inner startup"]
             assert proxy.switcher.running  # our own start-up ran too
@@ -75,7 +78,9 @@ async def test_wrapping_an_app_without_lifespan_support() -> None:
 async def test_mounted_under_a_prefix_with_running_in_the_host_lifespan() -> None:
     async with SimModelServer("m", load_time=0, tokens_per_second=0) as sim:
         proxy = ModelSwitchMiddleware(
-            registry=registry(), backend=FakeBackend(base_url=sim.base_url), max_wait=5
+            registry=registry(),
+            backend=FakeBackend(base_url=sim.base_url),
+            settings=make_settings(max_wait=5),
         )
 
         @asynccontextmanager

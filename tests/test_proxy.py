@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from tests.configs import make_settings
 from tests.reliability.helpers import proxy_stack
 from tests.servers import serve
 from vllm_chill import FakeBackend, ModelSwitchMiddleware, StaticRegistry, VLLMModel
@@ -49,7 +50,7 @@ class Stack:
         return client
 
     async def status(self) -> dict[str, Any]:
-        token = self.proxy.options.admin_token
+        token = self.proxy.settings.security.admin_token
         headers = {"authorization": f"Bearer {token}"} if token else {}
         status: dict[str, Any] = (
             await self.http.get(self.url + "/proxy/status", headers=headers)
@@ -86,7 +87,9 @@ async def stack(
             base_urls={name: sim.base_url for name, sim in sims.items()},
         )
         proxy = ModelSwitchMiddleware(
-            registry=StaticRegistry(spec(m) for m in MODELS), backend=backend, **options
+            registry=StaticRegistry(spec(m) for m in MODELS),
+            backend=backend,
+            settings=make_settings(**options),
         )
         url = await stack.enter_async_context(serve(proxy))
         http = await stack.enter_async_context(httpx.AsyncClient(timeout=30))

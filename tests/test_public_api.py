@@ -31,7 +31,7 @@ PUBLIC: dict[str, set[str]] = {
         "ModelRegistry",
         "ModelSwitchMiddleware",
         "ModelValidationError",
-        "ProxyOptions",
+        "Settings",
         "SimBackend",
         "StaticRegistry",
         "UpstreamTransport",
@@ -66,6 +66,31 @@ PUBLIC: dict[str, set[str]] = {
         "ModelRegistry",
         "StaticRegistry",
     },
+    "vllm_chill.settings": {
+        "OPTIONS",
+        "BackendName",
+        "KubernetesSettings",
+        "LimitsSettings",
+        "LocalSettings",
+        "LoggingSettings",
+        "Option",
+        "Parser",
+        "SecuritySettings",
+        "ServerSettings",
+        "Settings",
+        "SettingsError",
+        "SimSettings",
+        "SwitchingSettings",
+        "UpstreamSettings",
+        "add_serve_arguments",
+        "env_name",
+        "one_line",
+        "parse_duration",
+        "parse_settings",
+        "parse_size",
+        "serve_parser",
+        "settings_from_namespace",
+    },
     "vllm_chill.testing": {"ASGIUpstream", "FakeBackend"},
 }
 
@@ -79,7 +104,6 @@ PUBLIC_WITHOUT_ALL = {
     "vllm_chill.middleware",
     "vllm_chill.observability",
     "vllm_chill.scheduler",
-    "vllm_chill.settings",
 }
 
 

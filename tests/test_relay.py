@@ -13,6 +13,7 @@ import anyio
 import httpx
 import pytest
 
+from tests.configs import make_settings
 from tests.servers import serve
 from vllm_chill import FakeBackend, ModelSwitchMiddleware, StaticRegistry, VLLMModel
 from vllm_chill.backends.sim._server import SimModelServer
@@ -36,7 +37,9 @@ async def proxy_to(
     options.setdefault("min_residency", 0.0)
     backend = FakeBackend(base_urls=base_urls, preloaded=preloaded)
     proxy = ModelSwitchMiddleware(
-        registry=StaticRegistry(spec(m) for m in base_urls), backend=backend, **options
+        registry=StaticRegistry(spec(m) for m in base_urls),
+        backend=backend,
+        settings=make_settings(**options),
     )
     async with serve(proxy) as url, httpx.AsyncClient(timeout=30) as http:
         yield url, http

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
-from vllm_chill._options import ProxyOptions
+from vllm_chill._build import build_parts
 from vllm_chill.settings import (
     OPTIONS,
     Settings,
     SettingsError,
+    SwitchingSettings,
     parse_duration,
     parse_settings,
     parse_size,
@@ -78,7 +82,7 @@ def test_sizes(text: str, size: int) -> None:
     assert parse_size(text) == size
 
 
-def test_every_duration_flag_accepts_the_spec_forms() -> None:
+def test_duration_flags_accept_every_documented_form() -> None:
     settings = parse(
         [
             *SIM,
@@ -94,11 +98,11 @@ def test_every_duration_flag_accepts_the_spec_forms() -> None:
             "2",
         ]
     )
-    assert settings.model_switch_timeout == 5400
-    assert settings.idle_timeout == 0.25
-    assert settings.max_wait == 30
-    assert settings.drain_timeout == 300
-    assert settings.sim_load_time == 2
+    assert settings.switching.model_switch_timeout == 5400
+    assert settings.switching.idle_timeout == 0.25
+    assert settings.switching.max_wait == 30
+    assert settings.switching.drain_timeout == 300
+    assert settings.sim.load_time == 2
 
 
 def test_a_zero_switch_timeout_is_refused() -> None:
@@ -123,33 +127,33 @@ def test_the_example_command() -> None:
         ]
     )
     assert settings.backend == "kubernetes"
-    assert settings.enable_model_switch is True
-    assert settings.configmap == "vllm-config"
-    assert settings.namespace == "ai-apps"
-    assert settings.deployment == "vllm"
-    assert settings.upstream == "http://vllm.ai-apps.svc:8000"
-    assert settings.model_switch_timeout == 300
+    assert settings.kubernetes.enable_model_switch is True
+    assert settings.kubernetes.configmap == "vllm-config"
+    assert settings.kubernetes.namespace == "ai-apps"
+    assert settings.kubernetes.deployment == "vllm"
+    assert settings.upstream.url == "http://vllm.ai-apps.svc:8000"
+    assert settings.switching.model_switch_timeout == 300
     assert settings.models == ()
     assert settings.warnings == ()
 
 
-def test_spec_defaults() -> None:
+def test_the_documented_defaults() -> None:
     settings = parse(SIM)
-    assert (settings.host, settings.port) == ("0.0.0.0", 8080)
+    assert (settings.server.host, settings.server.port) == ("0.0.0.0", 8080)
     assert settings.models == ("models.yaml",)
-    assert settings.enable_model_switch is False
-    assert settings.model_switch_timeout == 300
-    assert settings.idle_timeout == 300
-    assert settings.max_wait == 0
-    assert settings.drain_timeout == 120
-    assert settings.api_keys == ()
-    assert settings.admin_token is None
-    assert settings.upstream_api_key is None
-    assert settings.command == "vllm serve {model} {args} --host 127.0.0.1 --port {port}"
-    assert (settings.sim_load_time, settings.sim_tokens_per_second) == (3, 50)
-    assert (settings.log_level, settings.log_format) == ("info", "text")
-    assert settings.access_log is False
-    assert settings.upstream is None  # only the kubernetes backend has one
+    assert settings.kubernetes.enable_model_switch is False
+    assert settings.switching.model_switch_timeout == 300
+    assert settings.switching.idle_timeout == 300
+    assert settings.switching.max_wait == 0
+    assert settings.switching.drain_timeout == 120
+    assert settings.security.api_keys == ()
+    assert settings.security.admin_token is None
+    assert settings.upstream.api_key is None
+    assert settings.local.command == "vllm serve {model} {args} --host 127.0.0.1 --port {port}"
+    assert (settings.sim.load_time, settings.sim.tokens_per_second) == (3, 50)
+    assert (settings.logging.level, settings.logging.format) == ("info", "text")
+    assert settings.logging.access_log is False
+    assert settings.upstream.url is None  # only the kubernetes backend has one
 
 
 def test_the_backend_is_required_without_a_deployment() -> None:
@@ -170,9 +174,12 @@ def test_the_namespace_comes_from_the_pod(tmp_path: Path) -> None:
     pod = tmp_path / "namespace"
     pod.write_text("ai-apps\n")
     settings = parse(["--deployment", "vllm"], pod=str(pod))
-    assert settings.namespace == "ai-apps"
-    assert settings.upstream == "http://vllm.ai-apps.svc:8000"
-    assert parse(["--deployment", "vllm"], pod=str(tmp_path / "absent")).namespace == "default"
+    assert settings.kubernetes.namespace == "ai-apps"
+    assert settings.upstream.url == "http://vllm.ai-apps.svc:8000"
+    assert (
+        parse(["--deployment", "vllm"], pod=str(tmp_path / "absent")).kubernetes.namespace
+        == "default"
+    )
 
 
 @pytest.mark.parametrize(
@@ -186,7 +193,7 @@ def test_the_namespace_comes_from_the_pod(tmp_path: Path) -> None:
 )
 def test_upstream(argv: list[str], upstream: str) -> None:
     settings = parse(["--deployment", "vllm", "--namespace", "ns", *argv])
-    assert settings.upstream == upstream
+    assert settings.upstream.url == upstream
 
 
 def test_upstream_and_target_exclude_each_other() -> None:
@@ -258,8 +265,9 @@ def test_the_flag_wins_over_the_environment() -> None:
         "VLLM_CHILL_ACCESS_LOG": "yes",
     }
     from_env = parse([], environ)
-    assert (from_env.backend, from_env.models, from_env.port) == ("local", ("a.yaml",), 9000)
-    assert (from_env.idle_timeout, from_env.access_log) == (600, True)
+    assert (from_env.backend, from_env.models) == ("local", ("a.yaml",))
+    assert from_env.server.port == 9000
+    assert (from_env.switching.idle_timeout, from_env.logging.access_log) == (600, True)
     flags = parse(
         [
             "--backend=sim",
@@ -271,8 +279,8 @@ def test_the_flag_wins_over_the_environment() -> None:
         ],
         environ,
     )
-    assert (flags.backend, flags.models, flags.port) == ("sim", ("b", "c"), 1)
-    assert (flags.idle_timeout, flags.access_log) == (0, False)
+    assert (flags.backend, flags.models, flags.server.port) == ("sim", ("b", "c"), 1)
+    assert (flags.switching.idle_timeout, flags.logging.access_log) == (0, False)
 
 
 def test_repeatable_flags_take_comma_separated_values() -> None:
@@ -280,7 +288,7 @@ def test_repeatable_flags_take_comma_separated_values() -> None:
         [], {**_sim_env(), "VLLM_CHILL_MODELS": "a.yaml, b/ ,", "VLLM_CHILL_API_KEY": "k1,k2"}
     )
     assert settings.models == ("a.yaml", "b/")
-    assert settings.api_keys == ("k1", "k2")
+    assert settings.security.api_keys == ("k1", "k2")
 
 
 @pytest.mark.parametrize(
@@ -298,12 +306,12 @@ def test_repeatable_flags_take_comma_separated_values() -> None:
 )
 def test_boolean_words(word: str, value: bool) -> None:
     settings = parse(["--deployment", "d"], {"VLLM_CHILL_ENABLE_MODEL_SWITCH": word})
-    assert settings.enable_model_switch is value
+    assert settings.kubernetes.enable_model_switch is value
 
 
 def test_empty_variables_count_as_unset() -> None:
     settings = parse(SIM, {"VLLM_CHILL_PORT": "", "VLLM_CHILL_ADMIN_TOKEN": " "})
-    assert (settings.port, settings.admin_token) == (8080, None)
+    assert (settings.server.port, settings.security.admin_token) == (8080, None)
 
 
 def test_a_kubernetes_service_link_is_not_a_port() -> None:
@@ -316,7 +324,7 @@ def test_a_kubernetes_service_link_is_not_a_port() -> None:
         "VLLM_CHILL_PORT_8080_TCP_ADDR": "10.96.0.12",
     }
     settings = parse([], environ)
-    assert settings.port == 8080
+    assert settings.server.port == 8080
     assert settings.warnings == ()
 
 
@@ -358,7 +366,6 @@ def test_bad_environment_values_name_the_flag_and_the_variable(
         (["--backend", "docker"], "--backend"),
         (["--log-level", "loud"], "--log-level"),
         (["--max-waiting", "0"], "--max-waiting"),
-        (["--command", 'vllm "serve'], "--command"),
         (["--api-key", ""], "--api-key"),
         (["--host", " "], "--host"),
         (["--sim-load-time"], "--sim-load-time"),
@@ -366,6 +373,12 @@ def test_bad_environment_values_name_the_flag_and_the_variable(
 )
 def test_bad_flags_name_the_flag(argv: list[str], flag: str) -> None:
     assert f"argument {flag}" in error([*SIM, *argv])
+
+
+def test_a_bad_command_template_names_the_flag_before_anything_starts() -> None:
+    settings = parse(["--backend", "local", "--models", "m.yaml", "--command", 'vllm "serve'])
+    with pytest.raises(SettingsError, match=r"^argument --command: "):
+        build_parts(settings)
 
 
 def test_unknown_flags_are_named() -> None:
@@ -387,7 +400,7 @@ def test_secrets_never_appear_in_the_repr() -> None:
             "vllm-secret-3",
         ]
     )
-    for text in (repr(settings), str(settings), repr(settings.proxy_options())):
+    for text in (repr(settings), str(settings), repr(settings.security), repr(settings.upstream)):
         for secret in ("client-secret-1", "admin-secret-2", "vllm-secret-3"):
             assert secret not in text
     assert settings.secrets() == ("client-secret-1", "admin-secret-2", "vllm-secret-3")
@@ -398,7 +411,7 @@ def test_errors_about_secrets_do_not_repeat_them() -> None:
     assert message == "argument --api-key: must not be empty"
 
 
-def test_proxy_options() -> None:
+def test_flags_land_in_their_groups() -> None:
     settings = parse(
         [
             *SIM,
@@ -406,25 +419,67 @@ def test_proxy_options() -> None:
             "--max-wait=1m",
             "--drain-timeout=10s",
             "--min-residency=0",
+            "--first-load-estimate=90s",
             "--max-waiting=7",
             "--max-body-size=1MiB",
+            "--upstream-connect-timeout=2s",
             "--api-key=k",
             "--admin-token=t",
             "--upstream-api-key=u",
         ]
     )
-    assert settings.proxy_options() == ProxyOptions(
-        model_switch_timeout=300,
-        idle_timeout=0,
-        max_wait=60,
-        drain_timeout=10,
-        min_residency=0,
-        max_waiting=7,
-        max_body_size=1 << 20,
-        api_keys=("k",),
-        admin_token="t",
-        upstream_api_key="u",
+    assert settings.switching == SwitchingSettings(
+        idle_timeout=0, max_wait=60, drain_timeout=10, min_residency=0, first_load_estimate=90
     )
+    assert (settings.limits.max_waiting, settings.limits.max_body_size) == (7, 1 << 20)
+    assert (settings.security.api_keys, settings.security.admin_token) == (("k",), "t")
+    assert (settings.upstream.api_key, settings.upstream.connect_timeout) == ("u", 2)
+
+
+def test_no_flags_means_the_library_defaults() -> None:
+    """What `vllm-chill serve` runs with by default is what `Settings()` holds: one default."""
+    assert parse(SIM) == Settings(backend="sim", models=("models.yaml",))
+
+
+def test_every_setting_has_a_flag_an_environment_twin_and_help() -> None:
+    flags = [o.flag for o in OPTIONS]
+    assert len(flags) == len(set(flags))
+    for option in OPTIONS:
+        assert option.env == "VLLM_CHILL_" + option.flag[2:].upper().replace("-", "_")
+        assert option.meta.help
+        assert option.help_text().endswith(f"[env {option.env}]")
+    for f in dataclasses.fields(Settings):
+        group = getattr(Settings(), f.name)
+        if dataclasses.is_dataclass(group):
+            for inner in dataclasses.fields(group):
+                assert "flag" in inner.metadata, f"{f.name}.{inner.name} has no flag"
+
+
+def test_help_shows_each_default_as_it_is_written_on_the_command_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "vllm_chill", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    help_text = " ".join(result.stdout.split())
+    for expected in (
+        "(default 5m) [env VLLM_CHILL_IDLE_TIMEOUT]",
+        "(default 500ms) [env VLLM_CHILL_QUIET_GAP]",
+        "(default 64MiB) [env VLLM_CHILL_MAX_BODY_SIZE]",
+        "(default 1000) [env VLLM_CHILL_MAX_WAITING]",
+        "(default off) [env VLLM_CHILL_ENABLE_MODEL_SWITCH]",
+        "(default 'vllm serve {model} {args} --host 127.0.0.1 --port {port}') [env "
+        "VLLM_CHILL_COMMAND]",
+    ):
+        assert expected in help_text
+
+
+def test_the_readme_documents_every_flag() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("## Configuration") :]
+    missing = [o.flag for o in OPTIONS if f"`{o.flag}" not in table]
+    assert missing == []
 
 
 def _sim_env() -> dict[str, str]:

@@ -7,7 +7,6 @@ import random
 import pytest
 
 from vllm_chill.scheduler._core import (
-    DEFAULT_LOAD_ESTIMATE,
     Admit,
     Busy,
     Cut,
@@ -24,6 +23,8 @@ from vllm_chill.scheduler._core import (
     TooMany,
 )
 
+FIRST_LOAD_ESTIMATE = 30.0
+
 
 def make(**kw: float) -> SwitchCore:
     defaults = dict(
@@ -34,6 +35,7 @@ def make(**kw: float) -> SwitchCore:
         idle_timeout=300.0,
         failure_backoff=10.0,
         failure_backoff_max=300.0,
+        first_load_estimate=FIRST_LOAD_ESTIMATE,
     )
     defaults.update(kw)
     return SwitchCore(**defaults)  # type: ignore[arg-type]
@@ -60,7 +62,7 @@ def ready(core: SwitchCore, model: str, now: float) -> list[Effect]:
 def test_request_from_idle_starts_one_load_and_answers_busy_with_default_estimate() -> None:
     core = make()
     decision, effects = core.arrive("a", 0.0, hold=False)
-    assert decision == Busy(retry_after=int(DEFAULT_LOAD_ESTIMATE))
+    assert decision == Busy(retry_after=int(FIRST_LOAD_ESTIMATE))
     assert loads(effects) == ["a"]
     assert core.state_of("a", 0.0) is ModelState.LOADING
     # A second request joins the load: no second StartLoad.

@@ -21,12 +21,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from vllm_chill import StaticRegistry, VLLMModel
-from vllm_chill._options import ProxyOptions
 from vllm_chill.backends._base import LoadedModel, LoadError, LostCallback, ProgressCallback
 from vllm_chill.observability._metrics import Metrics
 from vllm_chill.scheduler._core import Phase
 from vllm_chill.scheduler._refusals import Refused
 from vllm_chill.scheduler._switcher import Lease, Switcher
+from vllm_chill.settings import LimitsSettings, SwitchingSettings
 
 MODELS = ("a", "b", "c")
 
@@ -108,17 +108,23 @@ class SwitchStorm(RuleBasedStateMachine):
         registry = StaticRegistry(
             VLLMModel.from_spec({"modelName": f"org/{m}", "servedModelName": m}) for m in MODELS
         )
-        options = ProxyOptions(
+        switching = SwitchingSettings(
             model_switch_timeout=10_000,
             idle_timeout=30.0,
             drain_timeout=5.0,
             min_residency=2.0,
             quiet_gap=0.5,
-            max_waiting=6,
             failure_backoff=3.0,
             failure_backoff_max=10.0,
         )
-        self.switcher = Switcher(self.backend, registry, options, Metrics(), clock=self.clock)
+        self.switcher = Switcher(
+            self.backend,
+            registry,
+            switching,
+            LimitsSettings(max_waiting=6),
+            Metrics(),
+            clock=self.clock,
+        )
         self.runner = self.loop.create_task(self.switcher.run())
         self.settle()
         assert self.switcher.running

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 
 from vllm_chill._lazy import lazy_getattr
 from vllm_chill._model import ModelValidationError, VLLMModel, load_manifests
-from vllm_chill._options import ProxyOptions
 from vllm_chill.backends import Backend, LoadedModel, LoadError
 from vllm_chill.backends._fake import FakeBackend
 from vllm_chill.http._upstream import UpstreamTransport
 from vllm_chill.middleware import ModelSwitchMiddleware
 from vllm_chill.registries import ModelRegistry, StaticRegistry
+from vllm_chill.settings import Settings
 
 if TYPE_CHECKING:
     from vllm_chill._envapp import EnvConfiguredApp
@@ -52,7 +52,7 @@ __all__ = [
     "ModelRegistry",
     "ModelSwitchMiddleware",
     "ModelValidationError",
-    "ProxyOptions",
+    "Settings",
     "SimBackend",
     "StaticRegistry",
     "UpstreamTransport",

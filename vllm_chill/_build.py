@@ -7,7 +7,6 @@ needed on a laptop).
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any
 
 from vllm_chill.backends._base import Backend
@@ -28,13 +27,7 @@ def build_middleware(
     Raises `ValueError` (`SettingsError` included) for settings that cannot work.
     """
     registry, backend = build_parts(settings, api_client=api_client)
-    options = settings.proxy_options()
-    return ModelSwitchMiddleware(
-        app,
-        registry=registry,
-        backend=backend,
-        **{f.name: getattr(options, f.name) for f in fields(options)},
-    )
+    return ModelSwitchMiddleware(app, registry=registry, backend=backend, settings=settings)
 
 
 def build_parts(settings: Settings, *, api_client: Any = None) -> tuple[ModelRegistry, Backend]:
@@ -42,17 +35,22 @@ def build_parts(settings: Settings, *, api_client: Any = None) -> tuple[ModelReg
         from vllm_chill.backends.sim._backend import SimBackend  # noqa: PLC0415
 
         sim = SimBackend(
-            load_time=settings.sim_load_time,
-            tokens_per_second=settings.sim_tokens_per_second,
-            api_key=settings.upstream_api_key,
+            load_time=settings.sim.load_time,
+            tokens_per_second=settings.sim.tokens_per_second,
+            api_key=settings.upstream.api_key,
         )
         return _file_registry(settings), sim
     if settings.backend == "local":
         from vllm_chill.backends.local._backend import LocalProcessBackend  # noqa: PLC0415
 
-        local = LocalProcessBackend(settings.command, api_key=settings.upstream_api_key)
+        try:
+            local = LocalProcessBackend(settings.local.command, api_key=settings.upstream.api_key)
+        except ValueError as exc:  # the template names what is wrong with it
+            raise SettingsError(f"argument --command: {exc}") from None
         return _file_registry(settings), local
-    return _kubernetes(settings, api_client)
+    if settings.backend == "kubernetes":
+        return _kubernetes(settings, api_client)
+    raise SettingsError("argument --backend: required (kubernetes, local or sim)")
 
 
 def _file_registry(settings: Settings, namespace: str | None = None) -> ModelRegistry:
@@ -64,7 +62,8 @@ def _file_registry(settings: Settings, namespace: str | None = None) -> ModelReg
 
 
 def _kubernetes(settings: Settings, api_client: Any) -> tuple[ModelRegistry, Backend]:
-    if settings.deployment is None or settings.upstream is None:
+    k8s = settings.kubernetes
+    if k8s.deployment is None:
         raise SettingsError("argument --deployment: required with the kubernetes backend")
     try:
         from vllm_chill.backends.kubernetes._backend import K8sDeploymentBackend  # noqa: PLC0415
@@ -75,33 +74,30 @@ def _kubernetes(settings: Settings, api_client: Any) -> tuple[ModelRegistry, Bac
         api_client = load_kubernetes_client(settings)
     backend = K8sDeploymentBackend(
         api_client,
-        namespace=settings.namespace,
-        deployment=settings.deployment,
-        container=settings.container,
-        configmap=settings.configmap,
-        unschedulable_grace=settings.unschedulable_grace,
-        image_pull_grace=settings.image_pull_grace,
-        upstream=settings.upstream,
-        upstream_api_key=settings.upstream_api_key,
-        switch_models=settings.enable_model_switch,
+        namespace=k8s.namespace,
+        deployment=k8s.deployment,
+        container=k8s.container,
+        configmap=k8s.configmap,
+        unschedulable_grace=k8s.unschedulable_grace,
+        image_pull_grace=k8s.image_pull_grace,
+        upstream=settings.upstream.url,
+        upstream_api_key=settings.upstream.api_key,
+        switch_models=k8s.enable_model_switch,
     )
     registry: ModelRegistry
-    if not settings.enable_model_switch:
+    if not k8s.enable_model_switch:
         # Only what the Deployment runs now is served; other names are unknown (404).
         from vllm_chill.registries._deployment import DeploymentModelRegistry  # noqa: PLC0415
 
         registry = DeploymentModelRegistry(
-            api_client,
-            namespace=settings.namespace,
-            deployment=settings.deployment,
-            container=settings.container,
+            api_client, namespace=k8s.namespace, deployment=k8s.deployment, container=k8s.container
         )
     elif settings.models:
-        registry = _file_registry(settings, settings.namespace)
+        registry = _file_registry(settings, k8s.namespace)
     else:
         from vllm_chill.registries._kubernetes import CRDRegistry  # noqa: PLC0415
 
-        registry = CRDRegistry(api_client, settings.namespace)
+        registry = CRDRegistry(api_client, k8s.namespace)
     return registry, backend
 
 
@@ -112,9 +108,9 @@ def load_kubernetes_client(settings: Settings) -> Any:
     from vllm_chill.backends.kubernetes._api import load_api_client  # noqa: PLC0415
 
     try:
-        return load_api_client(settings.kubeconfig)
+        return load_api_client(settings.kubernetes.kubeconfig)
     except Exception as exc:
-        where = settings.kubeconfig or "in-cluster config, KUBECONFIG or ~/.kube/config"
+        where = settings.kubernetes.kubeconfig or "in-cluster config, KUBECONFIG or ~/.kube/config"
         raise SettingsError(
             f"argument --kubeconfig: cannot load the Kubernetes configuration ({where}): {exc}"
         ) from exc

@@ -20,7 +20,7 @@ from vllm_chill.http._asgi import Receive, Scope, Send
 from vllm_chill.http._errors import error_response
 from vllm_chill.middleware import ModelSwitchMiddleware
 from vllm_chill.observability._logs import configure_logging, get_logger
-from vllm_chill.settings import Settings, one_line, parse_settings
+from vllm_chill.settings import OPTIONS, Settings, one_line, parse_settings
 
 log = get_logger(__name__)
 
@@ -31,11 +31,8 @@ _NOT_STARTED = (
 
 
 #: Settings of the HTTP server itself, which `vllm-chill serve` passes to uvicorn.
-_SERVER_ONLY = (
-    "VLLM_CHILL_HOST",
-    "VLLM_CHILL_PORT",
-    "VLLM_CHILL_ACCESS_LOG",
-    "VLLM_CHILL_SHUTDOWN_TIMEOUT",
+_SERVER_ONLY = tuple(
+    o.env for o in OPTIONS if o.group == "server" or o.dest == "logging.access_log"
 )
 
 
@@ -96,7 +93,9 @@ class EnvConfiguredApp:
         environ = os.environ if self._environ is None else self._environ
         settings = await anyio.to_thread.run_sync(parse_settings, [], environ)
         if self._configure_logging:
-            configure_logging(settings.log_level, settings.log_format, secrets=settings.secrets())
+            configure_logging(
+                settings.logging.level, settings.logging.format, secrets=settings.secrets()
+            )
         for warning in settings.warnings:
             log.warning("%s", warning)
         for name in _SERVER_ONLY:

@@ -116,10 +116,10 @@ def check_models(paths: Sequence[str]) -> int:
 def serve(settings: Settings) -> int:
     """Run the proxy until SIGTERM/SIGINT; the exit status (see the module docstring)."""
     configure_logging(
-        settings.log_level,
-        settings.log_format,
+        settings.logging.level,
+        settings.logging.format,
         secrets=settings.secrets(),
-        access_log=settings.access_log,
+        access_log=settings.logging.access_log,
     )
     for warning in settings.warnings:
         log.warning("%s", warning)
@@ -134,15 +134,15 @@ def serve(settings: Settings) -> int:
     log.info("vllm-chill %s starting: %r", __version__, settings)
     config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
+        host=settings.server.host,
+        port=settings.server.port,
         loop="auto",
         http="auto",
         lifespan="on",
-        access_log=settings.access_log,
+        access_log=settings.logging.access_log,
         log_config=None,
         server_header=False,
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
+        timeout_graceful_shutdown=math.ceil(settings.server.shutdown_timeout),
     )
     server = uvicorn.Server(config)
     with _signals_end(server):

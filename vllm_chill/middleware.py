@@ -21,7 +21,6 @@ import anyio
 import anyio.abc
 
 from vllm_chill._model import VLLMModel
-from vllm_chill._options import ProxyOptions
 from vllm_chill.backends._base import Backend
 from vllm_chill.http._asgi import (
     ASGIApp,
@@ -49,6 +48,7 @@ from vllm_chill.registries._base import ModelRegistry
 from vllm_chill.scheduler._core import ModelState
 from vllm_chill.scheduler._refusals import NotRunning, Refused
 from vllm_chill.scheduler._switcher import Lease, Switcher
+from vllm_chill.settings._schema import Settings
 
 log = get_logger(__name__)
 
@@ -232,23 +232,31 @@ class ModelSwitchMiddleware:
         *,
         registry: ModelRegistry,
         backend: Backend,
+        settings: Settings | None = None,
         metrics: Metrics | None = None,
         transport: UpstreamTransport | None = None,
-        **options: Any,
     ) -> None:
-        """`transport` carries requests to the models' servers (default: vllm-chill's own
-        HTTP/1.1 client, made from the options at start-up and closed at shutdown); one given
-        here is used as it is and left open."""
+        """`settings` defaults to `Settings()`; of it the middleware uses the switching,
+        limits, security and upstream groups (the backend and registry are built already).
+        `transport` carries requests to the models' servers (default: vllm-chill's own
+        HTTP/1.1 client, made from the upstream settings at start-up and closed at shutdown);
+        one given here is used as it is and left open."""
         self.app = app
         self.registry = registry
         self.backend = backend
-        self.options = ProxyOptions(**options)
+        self.settings = settings = settings or Settings()
         self.metrics = metrics or Metrics()
-        self.switcher = Switcher(backend, registry, self.options, self.metrics)
+        self.switcher = Switcher(
+            backend, registry, settings.switching, settings.limits, self.metrics
+        )
+        # Hot-path values, read once.
+        self._max_wait = settings.switching.max_wait
+        self._max_body_size = settings.limits.max_body_size
+        self._upstream_timeout = settings.upstream.timeout
         # Keys are kept and compared as SHA-256 digests: equal lengths, so the comparison's
         # time says nothing about a key's length either.
-        self._api_keys = tuple(_digest(k.encode()) for k in self.options.api_keys)
-        admin = self.options.admin_token
+        self._api_keys = tuple(_digest(k.encode()) for k in settings.security.api_keys)
+        admin = settings.security.admin_token
         self._admin_keys = (_digest(admin.encode()),) if admin else self._api_keys
         self._transport = transport
         self._upstream: UpstreamTransport | None = transport
@@ -311,9 +319,9 @@ class ModelSwitchMiddleware:
             await stack.enter_async_context(self.registry.session())
             if self._transport is None:
                 client = UpstreamClient(
-                    connect_timeout=self.options.upstream_connect_timeout,
-                    timeout=self.options.upstream_timeout,
-                    upstream_api_key=self.options.upstream_api_key,
+                    connect_timeout=self.settings.upstream.connect_timeout,
+                    timeout=self.settings.upstream.timeout,
+                    upstream_api_key=self.settings.upstream.api_key,
                     strip_client_auth=bool(self._api_keys),
                 )
                 self._upstream = client
@@ -321,9 +329,9 @@ class ModelSwitchMiddleware:
             tg = await stack.enter_async_context(anyio.create_task_group())
             await tg.start(self.switcher.run)
             log.info(
-                "vllm-chill ready: %d models defined, options %r",
+                "vllm-chill ready: %d models defined, %r",
                 len(self.registry.models()),
-                self.options,
+                self.settings.switching,
             )
             try:
                 yield self
@@ -522,7 +530,7 @@ class ModelSwitchMiddleware:
         task = exchange.arm(receive)
         try:
             try:
-                lease = await self.switcher.acquire(name, self.options.max_wait, _peer(scope))
+                lease = await self.switcher.acquire(name, self._max_wait, _peer(scope))
             except Refused as refused:
                 await self._refused(exchange.send, refused)
                 status = 503
@@ -594,7 +602,7 @@ class ModelSwitchMiddleware:
                     504,
                     "upstream_timeout",
                     f"The server for model '{lease.model}' did not answer within "
-                    f"{self.options.upstream_timeout:g}s.",
+                    f"{self._upstream_timeout:g}s.",
                 )
                 return 504
             except UpstreamAborted as exc:
@@ -615,7 +623,7 @@ class ModelSwitchMiddleware:
         return await self._read_body(scope, receive, send)
 
     async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
-        limit = self.options.max_body_size
+        limit = self._max_body_size
         declared = header(scope, b"content-length")
         if declared is not None:
             try:
@@ -673,7 +681,7 @@ class ModelSwitchMiddleware:
             send,
             413,
             "request_too_large",
-            f"The request body is larger than {self.options.max_body_size} bytes.",
+            f"The request body is larger than {self._max_body_size} bytes.",
         )
 
     async def _unauthorized(self, send: Send) -> None:

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from tests.configs import make_settings
 from tests.servers import serve
 from vllm_chill import ModelSwitchMiddleware
 from vllm_chill.backends.kubernetes._backend import K8sDeploymentBackend
@@ -42,7 +43,9 @@ async def proxy_on_cluster(**options: Any) -> AsyncIterator[tuple[Cluster, str]]
         )
         registry = CRDRegistry(cluster.api_client, cluster.namespace)
         options.setdefault("min_residency", 0)
-        proxy = ModelSwitchMiddleware(registry=registry, backend=backend, **options)
+        proxy = ModelSwitchMiddleware(
+            registry=registry, backend=backend, settings=make_settings(**options)
+        )
         async with serve(proxy) as url:
             yield cluster, url
 

@@ -27,6 +27,7 @@ import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from tests.configs import make_settings
 from tests.servers import serve
 from vllm_chill import FakeBackend, ModelSwitchMiddleware, StaticRegistry, VLLMModel
 from vllm_chill.backends._base import Backend
@@ -356,7 +357,7 @@ class Stack:
         return list(self.seen)
 
     async def status(self) -> dict[str, Any]:
-        token = self.proxy.options.admin_token
+        token = self.proxy.settings.security.admin_token
         headers = [("authorization", f"Bearer {token}")] if token else []
         reply = await send_raw(self.port, build_request("GET", "/proxy/status", headers=headers))
         assert reply.status == 200, reply
@@ -415,7 +416,9 @@ async def proxy_stack(
                 base_urls={name: sim.base_url for name, sim in sims.items()},
             )
         proxy = ModelSwitchMiddleware(
-            registry=registry or StaticRegistry(models), backend=backend, **options
+            registry=registry or StaticRegistry(models),
+            backend=backend,
+            settings=make_settings(**options),
         )
         url = await stack.enter_async_context(serve(proxy))
         yield Stack(url, proxy, backend, sims, seen)

@@ -17,8 +17,6 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-#: Retry-After for the first load of a model whose load time is not known yet.
-DEFAULT_LOAD_ESTIMATE = 30.0
 #: Load (and unload) durations remembered per model; the estimate is the longest of them, so
 #: that a client told to come back usually finds the model ready (rule 6).
 DURATION_SAMPLES = 3
@@ -171,17 +169,23 @@ class SwitchRecord:
 
 @dataclass
 class SwitchCore:
-    """The state machine. All methods are synchronous and must be called from one thread."""
+    """The state machine. All methods are synchronous and must be called from one thread.
 
-    max_waiting: int = 1000
+    The policy's parameters have no defaults here: they are the switching settings (their
+    defaults and meaning are written once, in `vllm_chill.settings`), passed in by the switcher.
+    """
+
+    max_waiting: int
     #: The shortest serving window of a used model under contention (rule 4).
-    min_residency: float = 5.0
+    min_residency: float
     #: A model with nothing in flight and no request for this long is not "in use" (rule 3).
-    quiet_gap: float = 0.5
-    drain_timeout: float = 120.0
-    idle_timeout: float = 300.0
-    failure_backoff: float = 10.0
-    failure_backoff_max: float = 300.0
+    quiet_gap: float
+    drain_timeout: float
+    idle_timeout: float
+    failure_backoff: float
+    failure_backoff_max: float
+    #: Retry-After for the first load of a model whose load time is not known yet.
+    first_load_estimate: float
 
     phase: Phase = Phase.IDLE
     active: str | None = None
@@ -236,7 +240,7 @@ class SwitchCore:
     def estimate(self, model: str) -> float:
         """Expected load time: the longest of the recent loads, 30 s when none is known."""
         samples = self.durations.get(model)
-        return max(samples) if samples else DEFAULT_LOAD_ESTIMATE
+        return max(samples) if samples else self.first_load_estimate
 
     def unload_estimate(self) -> float:
         return max(self.unload_durations) if self.unload_durations else 0.0

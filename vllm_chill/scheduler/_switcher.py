@@ -17,7 +17,6 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from vllm_chill._options import ProxyOptions
 from vllm_chill.backends._base import Backend, LoadedModel, LoadError
 from vllm_chill.observability._logs import get_logger
 from vllm_chill.observability._metrics import Metrics
@@ -40,6 +39,7 @@ from vllm_chill.scheduler._core import (
     TooMany,
 )
 from vllm_chill.scheduler._refusals import LoadFailed, ModelLoading, NotRunning, TooManyWaiting
+from vllm_chill.settings._schema import LimitsSettings, SwitchingSettings
 
 log = get_logger(__name__)
 
@@ -78,24 +78,26 @@ class Switcher:
         self,
         backend: Backend,
         registry: ModelRegistry,
-        options: ProxyOptions,
+        switching: SwitchingSettings,
+        limits: LimitsSettings,
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.backend = backend
         self.registry = registry
-        self.options = options
+        self.switching = switching
         self.metrics = metrics
         self.clock = clock
         self.core = SwitchCore(
-            max_waiting=options.max_waiting,
-            min_residency=options.min_residency,
-            quiet_gap=options.quiet_gap,
-            drain_timeout=options.drain_timeout,
-            idle_timeout=options.idle_timeout,
-            failure_backoff=options.failure_backoff,
-            failure_backoff_max=options.failure_backoff_max,
+            max_waiting=limits.max_waiting,
+            min_residency=switching.min_residency,
+            quiet_gap=switching.quiet_gap,
+            drain_timeout=switching.drain_timeout,
+            idle_timeout=switching.idle_timeout,
+            failure_backoff=switching.failure_backoff,
+            failure_backoff_max=switching.failure_backoff_max,
+            first_load_estimate=switching.first_load_estimate,
         )
         self.loaded: LoadedModel | None = None
         self.progress: str = ""
@@ -275,7 +277,7 @@ class Switcher:
                     "switch phase=cut model=%s requests=%d drain_timeout=%.0fs",
                     effect.model,
                     len(leases),
-                    self.options.drain_timeout,
+                    self.switching.drain_timeout,
                 )
                 # Each cut request's slot is handed back here and now, whether or not its task
                 # has run since (a released waiter may not have): the drain can never wedge.
@@ -381,12 +383,12 @@ class Switcher:
         try:
             if model is None:
                 raise LoadError(f"model {name!r} is no longer defined")
-            with anyio.fail_after(self.options.model_switch_timeout):
+            with anyio.fail_after(self.switching.model_switch_timeout):
                 self.loaded = await self.backend.load(model, self._on_progress(name, started))
         except TimeoutError:
             error = (
                 f"model {name!r} did not become ready within "
-                f"{self.options.model_switch_timeout:.0f}s (--model-switch-timeout); "
+                f"{self.switching.model_switch_timeout:.0f}s (--model-switch-timeout); "
                 f"last phase: {self.progress}"
             )
         except LoadError as exc:

@@ -44,7 +44,6 @@ import httpx
 from kubernetes import client as k8s_client
 
 from vllm_chill._model import ModelValidationError, VLLMModel
-from vllm_chill._options import DEFAULT_IMAGE_PULL_GRACE, DEFAULT_UNSCHEDULABLE_GRACE
 from vllm_chill.backends._base import LoadedModel, LoadError, LostCallback, ProgressCallback
 from vllm_chill.backends.kubernetes._api import (
     CONFLICT,
@@ -87,6 +86,7 @@ from vllm_chill.backends.kubernetes._rollout import (
 )
 from vllm_chill.backends.kubernetes._watch import Informer, Notifier, PodEvents
 from vllm_chill.observability._logs import get_logger
+from vllm_chill.settings._schema import KubernetesSettings
 
 logger = get_logger(__name__)
 
@@ -130,8 +130,8 @@ class K8sDeploymentBackend:
         watch_timeout: float = 300.0,
         claim_timeout: float = CLAIM_TIMEOUT_S,
         confirm_timeout: float = CONFIRM_TIMEOUT_S,
-        unschedulable_grace: float = DEFAULT_UNSCHEDULABLE_GRACE,
-        image_pull_grace: float = DEFAULT_IMAGE_PULL_GRACE,
+        unschedulable_grace: float = KubernetesSettings.unschedulable_grace,
+        image_pull_grace: float = KubernetesSettings.image_pull_grace,
         old_pod_timeout: float = OLD_POD_TIMEOUT_S,
         root_mismatch_timeout: float = ROOT_MISMATCH_TIMEOUT_S,
     ) -> None:

@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_chill._options import DEFAULT_IMAGE_PULL_GRACE, DEFAULT_UNSCHEDULABLE_GRACE
 from vllm_chill.backends.kubernetes._rollout import (
     PHASE_PULLING,
     PHASE_SCALING_UP,
@@ -35,6 +34,7 @@ from vllm_chill.backends.kubernetes._rollout import (
     pod_name,
     unschedulable,
 )
+from vllm_chill.settings._schema import KubernetesSettings
 
 Obj = Mapping[str, Any]
 
@@ -141,8 +141,8 @@ class PendingPods:
     def __init__(
         self,
         *,
-        unschedulable_grace: float = DEFAULT_UNSCHEDULABLE_GRACE,
-        image_pull_grace: float = DEFAULT_IMAGE_PULL_GRACE,
+        unschedulable_grace: float = KubernetesSettings.unschedulable_grace,
+        image_pull_grace: float = KubernetesSettings.image_pull_grace,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.unschedulable_grace = unschedulable_grace

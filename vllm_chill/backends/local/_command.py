@@ -14,8 +14,9 @@ import string
 from dataclasses import dataclass
 
 from vllm_chill._model import VLLMModel
+from vllm_chill.settings._schema import LocalSettings
 
-DEFAULT_COMMAND = "vllm serve {model} {args} --host 127.0.0.1 --port {port}"
+DEFAULT_COMMAND = LocalSettings.command
 
 #: Placeholders replaced by one string (anywhere inside a word).
 STRING_PLACEHOLDERS = ("port", "model", "served_model_name")

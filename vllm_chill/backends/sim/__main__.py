@@ -31,16 +31,7 @@ import anyio
 
 from vllm_chill.backends.sim._server import SimModelServer
 from vllm_chill.settings import parse_duration
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
+from vllm_chill.settings._values import non_negative_number as _non_negative
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -30,6 +30,7 @@ from vllm_chill._model import VLLMModel
 from vllm_chill.backends._base import LoadedModel, LoadError, LostCallback, ProgressCallback
 from vllm_chill.backends.sim._server import SimModelServer
 from vllm_chill.observability._logs import get_logger
+from vllm_chill.settings._schema import SimSettings
 
 log = get_logger(__name__)
 
@@ -46,8 +47,8 @@ class SimBackend:
     def __init__(
         self,
         *,
-        load_time: float = 3.0,
-        tokens_per_second: float = 50.0,
+        load_time: float = SimSettings.load_time,
+        tokens_per_second: float = SimSettings.tokens_per_second,
         host: str = "127.0.0.1",
         api_key: str | None = None,
     ) -> None:
