@@ -240,7 +240,7 @@ async def test_failed_load_is_reported_at_once_and_not_retried_in_a_loop() -> No
         # The failed load was cleaned up and another model still loads fine.
         ok = await s.http.post(s.url + "/v1/chat/completions", json=chat("alpha"))
         assert ok.status_code == 200
-        assert ("unload", None) in s.backend.calls
+        assert ("unload", "gamma") in s.backend.calls
 
 
 async def test_idle_model_is_unloaded_after_the_idle_timeout() -> None:

@@ -30,7 +30,7 @@ def model(served: str, *extra: str, max_model_len: int | None = None) -> VLLMMod
 @pytest.fixture
 async def backend() -> AsyncIterator[SimBackend]:
     sim = SimBackend(load_time=0.05, tokens_per_second=0)
-    async with sim.session(lambda reason: None) as adopted:
+    async with sim.session(lambda reason, model=None: None) as adopted:
         assert adopted is None
         yield sim
 
@@ -102,7 +102,7 @@ async def test_cancelled_load_leaves_no_server() -> None:
             waiting.set()
 
     base_url = ""
-    async with backend.session(lambda reason: None):
+    async with backend.session(lambda reason, model=None: None):
         with anyio.fail_after(10):  # fails fast, not after the 60 s load
             async with anyio.create_task_group() as tg:
                 tg.start_soon(backend.load, model("slow"), progress)
@@ -129,7 +129,7 @@ async def test_fail_load_hook_raises_load_error_and_leaves_nothing(backend: SimB
 
 async def test_api_key_is_required_by_servers_and_used_for_readiness() -> None:
     backend = SimBackend(load_time=0, api_key="upstream-key")
-    async with backend.session(lambda reason: None):
+    async with backend.session(lambda reason, model=None: None):
         with anyio.fail_after(10):
             loaded = await backend.load(model("guarded"), lambda phase: None)
         async with httpx.AsyncClient(base_url=loaded.base_url, trust_env=False) as http:
@@ -141,19 +141,19 @@ async def test_api_key_is_required_by_servers_and_used_for_readiness() -> None:
 
 
 async def test_crash_reports_the_loss() -> None:
-    lost: list[str] = []
+    lost: list[tuple[str, str | None]] = []
     backend = SimBackend(load_time=0)
-    async with backend.session(lost.append):
+    async with backend.session(lambda reason, model=None: lost.append((reason, model))):
         with anyio.fail_after(10):
             loaded = await backend.load(model("a"), lambda phase: None)
             await backend.crash("pod deleted")
-        assert lost == ["pod deleted"]
+        assert lost == [("pod deleted", "a")]
         assert await refuses(loaded.base_url)
 
 
 async def test_stop_stops_the_loaded_server() -> None:
     backend = SimBackend(load_time=0)
     with anyio.fail_after(10):
-        async with backend.session(lambda reason: None):
+        async with backend.session(lambda reason, model=None: None):
             loaded = await backend.load(model("a"), lambda phase: None)
     assert await refuses(loaded.base_url)

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from vllm_chill._placement import Placement
 from vllm_chill.scheduler._core import (
     Admit,
     Busy,
@@ -24,6 +25,8 @@ from vllm_chill.scheduler._core import (
 )
 
 FIRST_LOAD_ESTIMATE = 30.0
+#: Where a model runs when there is one slot (no GPU accounting).
+SLOT = Placement(("0",))
 
 
 def make(**kw: float) -> SwitchCore:
@@ -100,12 +103,12 @@ def test_retry_after_comes_from_measured_load_durations() -> None:
     core = make(idle_timeout=10.0)
     ready(core, "a", 12.0)  # asked at 11 (ready() asks 1s before), so load took 1s
     core.tick(100.0)  # idle unload
-    core.unload_done(101.0)
+    core.unload_done("a", 101.0)
     decision, _ = core.arrive("a", 200.0, hold=False)
     assert decision == Busy(retry_after=1)
     core.load_done("a", 207.0)  # 7s this time: the estimate is the longest recent load
     core.tick(400.0)
-    core.unload_done(401.0)
+    core.unload_done("a", 401.0)
     decision, _ = core.arrive("a", 500.0, hold=False)
     assert decision == Busy(retry_after=7)
     # 1.5s into the load: 5.5s left -> 6
@@ -160,7 +163,7 @@ def test_switch_away_from_an_idle_model_starts_at_once() -> None:
     decision, effects = core.arrive("b", 10.6, hold=True)
     assert isinstance(decision, Hold)
     assert core.phase is Phase.LOADING and core.active == "b"
-    assert StartLoad("b", "a") in effects
+    assert StartLoad("b", SLOT, ("a",)) in effects
 
 
 def test_switch_waits_only_for_the_quiet_gap_after_the_last_request() -> None:
@@ -194,7 +197,7 @@ def test_a_used_model_serves_its_window_then_drains_then_loads() -> None:
     core.finish("a", 17.0)
     effects = core.finish("a", 18.0)
     assert effects and loads(effects) == ["b"]
-    assert StartLoad("b", "a") in effects
+    assert StartLoad("b", SLOT, ("a",)) in effects
     assert list(core.queue) == ["a"]  # a comes back after b
 
 
@@ -481,13 +484,13 @@ def test_failed_load_rejects_waiters_at_once_cleans_up_and_backs_off() -> None:
     decision, effects = core.arrive("a", 5.0, hold=True)
     assert decision == Refuse("CrashLoopBackOff: exit 1", retry_after=7)
     assert loads(effects) == []
-    core.unload_done(6.0)
+    core.unload_done("a", 6.0)
     # After it: retried.
     decision, effects = core.arrive("a", 12.5, hold=False)
     assert isinstance(decision, Busy) and loads(effects) == ["a"]
     # A second failure doubles the back-off.
     core.load_done("a", 13.0, error="again")
-    core.unload_done(13.5)
+    core.unload_done("a", 13.5)
     assert core.failures["a"].until == pytest.approx(33.0)
 
 
@@ -497,7 +500,7 @@ def test_failure_backoff_is_capped() -> None:
     for _ in range(6):
         core.arrive("a", now, hold=False)
         core.load_done("a", now, error="x")
-        core.unload_done(now)
+        core.unload_done("a", now)
         now = core.failures["a"].until
     assert core.failures["a"].until - core.failures["a"].at == 25.0
 
@@ -508,7 +511,7 @@ def test_after_a_failure_the_next_queued_model_loads() -> None:
     waiter = core.arrive("b", 1.0, hold=True)[0]
     effects = core.load_done("a", 2.0, error="boom")
     assert loads(effects) == []  # first the clean-up
-    effects = core.unload_done(3.0)
+    effects = core.unload_done("a", 3.0)
     assert loads(effects) == ["b"]
     effects = core.load_done("b", 4.0)
     assert isinstance(waiter, Hold)
@@ -519,7 +522,7 @@ def test_queued_model_in_backoff_fails_its_waiters_instead_of_loading() -> None:
     core = make(min_residency=0)
     core.arrive("a", 0.0, hold=False)
     core.load_done("a", 1.0, error="bad")
-    core.unload_done(1.5)
+    core.unload_done("a", 1.5)
     ready(core, "b", 3.0)
     core.arrive("b", 3.5, hold=False)  # b busy so the switch drains
     # a is in back-off, so it is refused without queueing
@@ -532,7 +535,7 @@ def test_explicit_switch_clears_the_backoff() -> None:
     core = make()
     core.arrive("a", 0.0, hold=False)
     core.load_done("a", 1.0, error="bad")
-    core.unload_done(1.5)
+    core.unload_done("a", 1.5)
     effects = core.request_switch("a", 2.0)
     assert loads(effects) == ["a"]
 
@@ -553,7 +556,7 @@ def test_idle_unload_counts_from_the_end_of_the_last_request() -> None:
     effects = core.tick(1060.0)
     assert StartUnload("a", "idle") in effects
     assert core.phase is Phase.UNLOADING
-    core.unload_done(1061.0)
+    core.unload_done("a", 1061.0)
     assert core.state_of("a", 1061.0) is ModelState.UNLOADED and core.active is None
 
 
@@ -571,7 +574,7 @@ def test_request_during_unload_reloads_afterwards() -> None:
     assert core.phase is Phase.UNLOADING
     decision, effects = core.arrive("a", 5.5, hold=True)
     assert isinstance(decision, Hold) and loads(effects) == []
-    effects = core.unload_done(6.0)
+    effects = core.unload_done("a", 6.0)
     assert loads(effects) == ["a"]
 
 
@@ -603,7 +606,7 @@ def test_lost_model_is_reloaded_by_the_next_request() -> None:
     core = make()
     ready(core, "a", 0.0)
     core.arrive("a", 1.0, hold=False)
-    core.lost(2.0)
+    core.lost("a", 2.0)
     assert core.state_of("a", 2.0) is ModelState.UNLOADED
     core.finish("a", 2.5)  # its in-flight request ends on its own
     decision, effects = core.arrive("a", 3.0, hold=False)
@@ -613,7 +616,7 @@ def test_lost_model_is_reloaded_by_the_next_request() -> None:
 def test_lost_is_ignored_while_loading() -> None:
     core = make()
     core.arrive("a", 0.0, hold=False)
-    assert core.lost(1.0) == []
+    assert core.lost("a", 1.0) == []
     assert core.phase is Phase.LOADING
 
 
@@ -632,7 +635,7 @@ def test_requested_unload_drains_first() -> None:
     assert isinstance(core.arrive("a", 2.5, hold=False)[0], Busy)  # not admitted any more
     effects = core.finish("a", 3.0)
     assert StartUnload("a", "requested") in effects
-    effects = core.unload_done(4.0)
+    effects = core.unload_done("a", 4.0)
     assert loads(effects) == ["a"]  # the request at 2.5 wanted it back
 
 
@@ -646,4 +649,4 @@ def test_explicit_switch_overrides_residency() -> None:
 def test_stale_load_done_is_ignored() -> None:
     core = make()
     assert core.load_done("x", 1.0) == []
-    assert core.unload_done(1.0) == []
+    assert core.unload_done("x", 1.0) == []

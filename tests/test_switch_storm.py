@@ -11,7 +11,7 @@ later switch in a drain that never ends.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from vllm_chill import StaticRegistry, VLLMModel
+from vllm_chill._placement import Capacity, Placement, SingleSlot
 from vllm_chill.backends._base import LoadedModel, LoadError, LostCallback, ProgressCallback
 from vllm_chill.observability._metrics import Metrics
 from vllm_chill.scheduler._core import Phase
@@ -35,6 +36,7 @@ MODELS = ("a", "b", "c")
 class StormBackend:
     """Loads end when the test says so: successfully, with an error, or lost right after."""
 
+    capacity: Capacity = field(default_factory=SingleSlot)
     pending: dict[str, asyncio.Future[str | None]] = field(default_factory=dict)
     loaded: str | None = None
     on_lost: LostCallback | None = None
@@ -48,7 +50,14 @@ class StormBackend:
         self.on_lost = on_lost
         yield None
 
-    async def load(self, model: VLLMModel, progress: ProgressCallback) -> LoadedModel:
+    async def load(
+        self,
+        model: VLLMModel,
+        progress: ProgressCallback,
+        *,
+        placement: Placement | None = None,
+        replacing: Sequence[str] = (),
+    ) -> LoadedModel:
         name = model.served_model_name
         self.loaded = None
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
@@ -77,7 +86,7 @@ class StormBackend:
     async def _report_loss(self) -> None:
         self.lose()
 
-    async def unload(self) -> None:
+    async def unload(self, model: str | None = None) -> None:
         await asyncio.sleep(0)
         self.loaded = None
 
@@ -87,7 +96,7 @@ class StormBackend:
     def lose(self) -> None:
         self.loaded = None
         if self.on_lost is not None:
-            self.on_lost("simulated crash")
+            self.on_lost("simulated crash", model=None)
 
 
 @dataclass
@@ -247,16 +256,16 @@ class SwitchStorm(RuleBasedStateMachine):
     @invariant()
     def phases_are_consistent(self) -> None:
         core = self.switcher.core
-        if core.phase is Phase.DRAINING:
-            assert core.active is not None
-            # A drain always ends: by its deadline, or when what is in flight finishes.
-            assert not core.cut_sent or not core.inflight.get(core.active)
-            assert core.next_deadline() is not None or core.inflight.get(core.active)
-        if core.phase is Phase.READY:
-            loaded = self.switcher.loaded
-            assert loaded is not None and loaded.served_model_name == core.active
-        if core.phase is Phase.LOADING:
-            assert core.active in self.backend.pending or core.active is not None
+        for resident in core.residents.values():
+            model = resident.model
+            if resident.phase is Phase.DRAINING:
+                # A drain always ends: by its deadline, or when what is in flight finishes.
+                assert not resident.cut_sent or not core.inflight.get(model)
+                assert core.next_deadline() is not None or not core.inflight.get(model)
+            if resident.phase is Phase.READY:
+                loaded = self.switcher.loaded.get(model)
+                assert loaded is not None and loaded.served_model_name == model
+        assert set(self.switcher.loaded) <= set(core.residents)
 
     # --- after the storm ------------------------------------------------------------------
 

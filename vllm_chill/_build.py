@@ -7,6 +7,7 @@ needed on a laptop).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from vllm_chill.backends._base import Backend
@@ -38,13 +39,20 @@ def build_parts(settings: Settings, *, api_client: Any = None) -> tuple[ModelReg
             load_time=settings.sim.load_time,
             tokens_per_second=settings.sim.tokens_per_second,
             api_key=settings.upstream.api_key,
+            gpus=settings.local.gpus or (),  # simulated GPUs: only the ones given
         )
         return _file_registry(settings), sim
     if settings.backend == "local":
         from vllm_chill.backends.local._backend import LocalProcessBackend  # noqa: PLC0415
+        from vllm_chill.backends.local._gpus import discover_gpus  # noqa: PLC0415
 
+        gpus = settings.local.gpus
+        if gpus is None:
+            gpus = discover_gpus(os.environ)
         try:
-            local = LocalProcessBackend(settings.local.command, api_key=settings.upstream.api_key)
+            local = LocalProcessBackend(
+                settings.local.command, api_key=settings.upstream.api_key, gpus=gpus
+            )
         except ValueError as exc:  # the template names what is wrong with it
             raise SettingsError(f"argument --command: {exc}") from None
         return _file_registry(settings), local

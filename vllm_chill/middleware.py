@@ -734,13 +734,8 @@ class ModelSwitchMiddleware:
         """A `/v1/models` entry. While the model is loaded, vLLM's own entry for it (its real
         `max_model_len`, `root`, `permission`, ...) with our `state` added."""
         state = self.switcher.state_of(model.served_model_name)
-        loaded = self.switcher.loaded
-        if (
-            state is ModelState.LOADED
-            and loaded is not None
-            and loaded.entry is not None
-            and loaded.served_model_name == model.served_model_name
-        ):
+        loaded = self.switcher.loaded.get(model.served_model_name)
+        if state is ModelState.LOADED and loaded is not None and loaded.entry is not None:
             return {**loaded.entry, "id": model.served_model_name, "state": state.value}
         return {
             "id": model.served_model_name,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,7 +19,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from vllm_chill._model import VLLMModel
-from vllm_chill.backends._base import Backend, LoadedModel, LoadError
+from vllm_chill.backends._base import Backend, LoadedModel, LoadError, LostCallback
 from vllm_chill.backends.kubernetes import K8sDeploymentBackend
 from vllm_chill.backends.kubernetes._rollout import (
     ACTIVE_MODEL,
@@ -85,7 +85,7 @@ class Lost:
         self.reasons: list[str] = []
         self._event = anyio.Event()
 
-    def __call__(self, reason: str) -> None:
+    def __call__(self, reason: str, *, model: str | None = None) -> None:
         self.reasons.append(reason)
         self._event.set()
 
@@ -107,7 +107,7 @@ def make_backend(cluster: Cluster, **options: Any) -> K8sDeploymentBackend:
 
 @asynccontextmanager
 async def started(
-    cluster: Cluster, lost: Callable[[str], None] | None = None, **options: Any
+    cluster: Cluster, lost: LostCallback | None = None, **options: Any
 ) -> AsyncIterator[K8sDeploymentBackend]:
     backend = make_backend(cluster, **options)
     async with backend.session(lost or Lost()):

@@ -135,7 +135,7 @@ class LostRecorder:
     reasons: list[str] = field(default_factory=list)
     event: anyio.Event = field(default_factory=anyio.Event)
 
-    def __call__(self, reason: str) -> None:
+    def __call__(self, reason: str, *, model: str | None = None) -> None:
         self.reasons.append(reason)
         self.event.set()
 

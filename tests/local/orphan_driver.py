@@ -20,7 +20,7 @@ from vllm_chill.backends.local._backend import LocalProcessBackend
 
 async def main(command: str) -> None:
     backend = LocalProcessBackend(command, grace_period=1.0)
-    async with backend.session(lambda reason: None):
+    async with backend.session(lambda reason, model=None: None):
         await serve_one(backend)
 
 

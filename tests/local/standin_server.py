@@ -12,8 +12,11 @@ Misbehaviours, carried by a model's `extraArgs`:
   --standin-ignore-sigterm           survive SIGTERM (only SIGKILL stops it)
   --standin-spawn-child              start a grandchild that ignores SIGTERM and sleeps
 
-`/v1/models` carries a `standin` object with the argv it got and its pids, so that tests can
-check the exact words and look for leftover processes.
+A chat request's `standin_chunk_delay` (seconds) spaces its streamed chunks: a long answer.
+
+`/v1/models` carries a `standin` object with the argv it got, its pids and its
+`CUDA_VISIBLE_DEVICES`, so that tests can check the exact words, where it was placed, and look
+for leftover processes.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ def main() -> None:
         "ppid": os.getppid(),
         "pgid": os.getpgrp(),
         "grandchild_pid": None,
+        #: What the backend placed it on (None: the variable was not set for it).
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
 
     if args.standin_ignore_sigterm:
@@ -197,7 +202,10 @@ def make_handler(
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Connection", "close")
             self.end_headers()
+            pause = float(body.get("standin_chunk_delay", 0))  # a long answer, for drain tests
             for index, piece in enumerate(["hello ", "from ", served]):
+                if index:
+                    time.sleep(pause)
                 delta: dict[str, Any] = {"content": piece}
                 if index == 0:
                     delta["role"] = "assistant"
@@ -209,6 +217,7 @@ def make_handler(
                     "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
                 }
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.flush()
             self.wfile.write(b"data: [DONE]\n\n")
             self.close_connection = True
 

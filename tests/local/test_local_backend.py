@@ -111,7 +111,7 @@ async def test_crash_during_load_fails_at_once_with_the_last_output(
 
 async def test_command_not_found_fails_the_load_with_the_reason(tracker: Tracker) -> None:
     backend = LocalProcessBackend("/nonexistent/vllm serve {model} {args}", grace_period=1.0)
-    async with backend.session(lambda _: None):
+    async with backend.session(lambda _, model=None: None):
         with anyio.fail_after(10), pytest.raises(LoadError) as failure:
             await backend.load(make_model("missing"), lambda _: None)
     assert failure.value.reason.startswith("process exited with status 127 during load")
@@ -125,7 +125,7 @@ async def test_a_server_that_loaded_another_model_fails_the_load_at_once(
     # (the model it loaded, as vLLM reports it) is not the model's modelName.
     fixed = standin_command("org/fixed {args} --host 127.0.0.1 --port {port}")
     backend = LocalProcessBackend(fixed, grace_period=1.0)
-    async with backend.session(lambda _: None):
+    async with backend.session(lambda _, model=None: None):
         with anyio.fail_after(10), pytest.raises(LoadError) as failure:
             await backend.load(make_model("wanted", load_time=0.1), lambda _: None)
         reason = failure.value.reason
@@ -186,7 +186,7 @@ async def test_cancelling_a_load_leaves_no_process(
 
 async def test_unload_and_leaving_the_session_leave_no_process(tracker: Tracker) -> None:
     backend = LocalProcessBackend(standin_command(), grace_period=1.0)
-    async with backend.session(lambda _: None):
+    async with backend.session(lambda _, model=None: None):
         await backend.load(make_model("one", "--standin-spawn-child"), lambda _: None)
         await backend.unload()
         await backend.unload()  # idempotent
@@ -195,7 +195,7 @@ async def test_unload_and_leaving_the_session_leave_no_process(tracker: Tracker)
         await backend.load(stubborn, lambda _: None)
     assert tracker.of("two").leftovers() == []
     # A new session on the same backend works.
-    async with backend.session(lambda _: None):
+    async with backend.session(lambda _, model=None: None):
         loaded = await backend.load(make_model("three"), lambda _: None)
         assert await chat(loaded) == "hello from three"
 
@@ -217,7 +217,7 @@ async def test_placeholders_are_substituted_per_word_without_a_shell(
     argvs = {}
     for key, template in templates.items():
         backend = LocalProcessBackend(standin_command(template), grace_period=1.0)
-        async with backend.session(lambda _: None):
+        async with backend.session(lambda _, model=None: None):
             loaded = await backend.load(model, lambda _: None)
             assert loaded.served_model_name == served
             assert await chat(loaded) == f"hello from {served}"
@@ -245,12 +245,12 @@ async def test_secrets_in_flags_never_reach_logs_or_reasons(tracker: Tracker) ->
     keyed = make_model("keyed", "--api-key", secret)
     # Without the key, /v1/models answers 401: fail at once with what to do.
     plain = LocalProcessBackend(standin_command(), grace_period=1.0)
-    async with plain.session(lambda _: None):
+    async with plain.session(lambda _, model=None: None):
         with anyio.fail_after(10), pytest.raises(LoadError, match="--upstream-api-key"):
             await plain.load(keyed, lambda _: None)
     # With it, the model loads; and a crash's reason does not show the key either.
     backend = LocalProcessBackend(standin_command(), grace_period=1.0, api_key=secret)
-    async with backend.session(lambda _: None):
+    async with backend.session(lambda _, model=None: None):
         loaded = await backend.load(keyed, lambda _: None)
         assert loaded.served_model_name == "keyed"
         crashing = make_model("crashing", f"--api-key={secret}", "--standin-crash-during-load")

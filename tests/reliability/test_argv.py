@@ -68,7 +68,7 @@ async def test_metacharacters_reach_the_child_as_one_argv_element_each(
             reply = await stack.post("/v1/chat/completions", chat(served), timeout=30)
         assert reply.status == 200, reply
         assert reply.json()["model"] == served  # the child knows itself by the exact name
-        loaded = stack.proxy.switcher.loaded
+        loaded = stack.proxy.switcher.loaded.get(served)
         assert loaded is not None
         async with httpx.AsyncClient(trust_env=False) as http:
             standin = (await http.get(f"{loaded.base_url}/v1/models")).json()["standin"]

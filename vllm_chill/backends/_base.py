@@ -1,7 +1,9 @@
 """The `Backend` protocol: how a model gets onto the GPUs.
 
 The switch scheduler never talks to Kubernetes or processes directly; it opens a session and
-calls three operations inside it, reacting to what they report. Every backend must be
+calls three operations inside it, reacting to what they report. A backend declares its
+`capacity` (one slot, GPUs shared by fractions, or Deployments); the scheduler places models in
+it and tells each load where it goes and which drained models it replaces. Every backend must be
 cancellation-safe: the scheduler wraps `load` in `--model-switch-timeout` and cancels it when
 the timeout fires, and then calls `unload` so that nothing is left half-loaded.
 
@@ -12,12 +14,13 @@ in the caller's: no "start and stop from the same task" rule to remember.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from vllm_chill._model import VLLMModel
+from vllm_chill._placement import Capacity, Placement
 
 
 @dataclass(frozen=True)
@@ -44,15 +47,22 @@ class LoadError(Exception):
 #: "waiting for /health", ...). Shown in 503 bodies, `/proxy/status` and the switch log lines.
 ProgressCallback = Callable[[str], None]
 
-#: Called by a backend when the loaded model went away on its own (process died, pod deleted,
-#: another proxy replica switched the Deployment). Argument: the reason. May be called from the
-#: event loop only; backends running threads must hop back with `anyio.from_thread`.
-LostCallback = Callable[[str], None]
+
+class LostCallback(Protocol):
+    """Called by a backend when a loaded model went away on its own (process died, pod
+    deleted, another proxy replica switched the Deployment), with the reason, and the model
+    when the backend runs several (None: the one it runs). May be called from the event loop
+    only; backends running threads must hop back with `anyio.from_thread`."""
+
+    def __call__(self, reason: str, *, model: str | None = None) -> None: ...
 
 
 @runtime_checkable
 class Backend(Protocol):
-    """Loads one model at a time. See the module docstring for the contract."""
+    """Loads models where the scheduler places them. See the module docstring."""
+
+    #: Where models can run: `SingleSlot()` for a backend that runs one model at a time.
+    capacity: Capacity
 
     def session(self, on_lost: LostCallback) -> AbstractAsyncContextManager[LoadedModel | None]:
         """Connect and start background work for the length of the `async with`; it yields
@@ -62,14 +72,24 @@ class Backend(Protocol):
         children. `load`, `unload` and `check` are called only inside a session."""
         ...
 
-    async def load(self, model: VLLMModel, progress: ProgressCallback) -> LoadedModel:
-        """Replace whatever is loaded with `model`; return once it is ready to serve.
+    async def load(
+        self,
+        model: VLLMModel,
+        progress: ProgressCallback,
+        *,
+        placement: Placement | None = None,
+        replacing: Sequence[str] = (),
+    ) -> LoadedModel:
+        """Load `model` at `placement` (one of `capacity`'s); return once it is ready to serve.
+        The models in `replacing` were drained to make room: stop them first. A backend of one
+        slot replaces whatever it runs.
 
         Raises `LoadError` with the reason on failure, as soon as the failure is known."""
         ...
 
-    async def unload(self) -> None:
-        """Unload everything (scale to zero / stop the process). Idempotent."""
+    async def unload(self, model: str | None = None) -> None:
+        """Unload `model`, or everything when None (scale to zero / stop the process).
+        Idempotent."""
         ...
 
     async def check(self) -> bool:

@@ -7,13 +7,14 @@ assert what the scheduler asked for. Loads can also be held open until a test re
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio
 
 from vllm_chill._model import VLLMModel
+from vllm_chill._placement import Capacity, Placement, SingleSlot
 from vllm_chill.backends._base import LoadedModel, LoadError, LostCallback, ProgressCallback
 
 
@@ -32,8 +33,12 @@ class FakeBackend:
     preloaded: str | None = None
     #: When set, loads wait for this event before finishing.
     gate: anyio.Event | None = None
+    #: Where models can run (one slot unless a test gives GPUs or slots).
+    capacity: Capacity = field(default_factory=SingleSlot)
     calls: list[tuple[str, str | None]] = field(default_factory=list)
+    #: The model loaded last (None once it is unloaded), and where each resident one is.
     loaded: str | None = None
+    placements: dict[str, Placement] = field(default_factory=dict)
     on_lost: LostCallback | None = None
 
     @asynccontextmanager
@@ -50,32 +55,50 @@ class FakeBackend:
         finally:
             self.calls.append(("stop", None))
 
-    async def load(self, model: VLLMModel, progress: ProgressCallback) -> LoadedModel:
+    async def load(
+        self,
+        model: VLLMModel,
+        progress: ProgressCallback,
+        *,
+        placement: Placement | None = None,
+        replacing: Sequence[str] = (),
+    ) -> LoadedModel:
         name = model.served_model_name
         self.calls.append(("load", name))
         self.loaded = None
+        for gone in [*replacing, name] if not self.capacity.single else list(self.placements):
+            self.placements.pop(gone, None)
+        self.placements[name] = placement or Placement(("0",))
         progress("loading weights")
         await anyio.sleep(self.load_times.get(name, self.load_time))
         if self.gate is not None:
             await self.gate.wait()
         reason = self.failures.get(name)
         if reason is not None:
+            self.placements.pop(name, None)
             raise LoadError(reason)
         self.loaded = name
         return LoadedModel(name, self.base_urls.get(name, self.base_url))
 
-    async def unload(self) -> None:
-        self.calls.append(("unload", self.loaded))
-        self.loaded = None
+    async def unload(self, model: str | None = None) -> None:
+        self.calls.append(("unload", model or self.loaded))
+        for name in [n for n in self.placements if model is None or n == model]:
+            del self.placements[name]
+        if model is None or model == self.loaded:
+            self.loaded = None
 
     async def check(self) -> bool:
         return True
 
-    def lose(self, reason: str = "simulated crash") -> None:
-        """Pretend the loaded model died on its own."""
-        self.loaded = None
+    def lose(self, reason: str = "simulated crash", *, model: str | None = None) -> None:
+        """Pretend a loaded model (default: the one loaded last) died on its own."""
+        name = model or self.loaded
+        if name is not None:
+            self.placements.pop(name, None)
+        if name == self.loaded:
+            self.loaded = None
         if self.on_lost is not None:
-            self.on_lost(reason)
+            self.on_lost(reason, model=name)
 
     @property
     def loads(self) -> list[str]:

@@ -78,8 +78,20 @@ class Metrics:
         )
         self.active_model = Gauge(
             "vllm_chill_active_model",
-            "1 for the model loaded and ready, else 0.",
+            "1 for each model loaded and ready, else 0.",
             ["model"],
+            registry=r,
+        )
+        self.resident = Gauge(
+            "vllm_chill_model_resident",
+            "1 for each model holding GPU capacity (loading, ready, draining or unloading).",
+            ["model"],
+            registry=r,
+        )
+        self.evictions = Counter(
+            "vllm_chill_evictions",
+            "Models that gave way to make room for another, by why they were chosen.",
+            ["reason"],
             registry=r,
         )
         self.scale_events = Counter(
@@ -106,9 +118,10 @@ class Metrics:
     def count_request(self, name: str, status: int) -> None:
         self.model(name).count(status)
 
-    def set_active(self, name: str | None, known: list[str]) -> None:
-        for other in known:
-            self.active_model.labels(other).set(1 if other == name else 0)
+    def set_active(self, serving: set[str], resident: set[str], known: list[str]) -> None:
+        for name in {*known, *serving, *resident}:
+            self.active_model.labels(name).set(1 if name in serving else 0)
+            self.resident.labels(name).set(1 if name in resident else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

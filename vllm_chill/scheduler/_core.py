@@ -8,6 +8,11 @@ The policy it implements is written once, with its numbers, in the README ("Swit
 the rule numbers below refer to it. In short: a model that is not being used gives way at once
 (rule 3), a used one keeps serving for a window that grows with its load time (rule 4), and
 every 503 is a promise kept per client until that client comes back (rule 5).
+
+Several models can be resident at once when the capacity allows (`_placement.py`): a model that
+fits beside the others loads at once; one that does not evicts the cheapest set of resident
+models (idle first, least recently used first) under the same rules, drained before its load.
+With one slot (no GPU accounting, or one Deployment) that is exactly the switch of one model.
 """
 
 from __future__ import annotations
@@ -16,6 +21,16 @@ import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+from vllm_chill._placement import (
+    Capacity,
+    Demand,
+    Placement,
+    SingleSlot,
+    fits_ever,
+    overlaps,
+    plan_eviction,
+)
 
 #: Load (and unload) durations remembered per model; the estimate is the longest of them, so
 #: that a client told to come back usually finds the model ready (rule 6).
@@ -33,14 +48,18 @@ PROMISE_GRACE = 5.0
 MAX_PROMISE_HOLD = 60.0
 #: Outstanding promises remembered per model (a bound on memory under a 503 storm).
 MAX_PROMISES = 10_000
+#: Evictions remembered for `/proxy/status`.
+EVICTIONS_KEPT = 20
 
 
 class Phase(StrEnum):
-    IDLE = "idle"  # nothing loaded
-    LOADING = "loading"  # `active` is being loaded
-    READY = "ready"  # `active` serves
-    DRAINING = "draining"  # `active` finishes its in-flight requests before a switch/unload
-    UNLOADING = "unloading"  # the backend is unloading
+    """A resident model's phase (IDLE: nothing resident, for the one-slot view)."""
+
+    IDLE = "idle"
+    LOADING = "loading"
+    READY = "ready"  # serves
+    DRAINING = "draining"  # finishes its in-flight requests before it gives way or unloads
+    UNLOADING = "unloading"  # the backend is unloading it
 
 
 #: For the per-request paths: an enum member looked up on its class costs ~0.3 µs a time.
@@ -102,8 +121,16 @@ _ADMIT = Admit()
 
 @dataclass(frozen=True)
 class StartLoad:
+    """Load `model` at `placement`; the models in `replacing` were drained to make room and
+    are stopped as part of this load (on one slot: the switch from the previous model)."""
+
     model: str
-    previous: str | None
+    placement: Placement
+    replacing: tuple[str, ...] = ()
+
+    @property
+    def previous(self) -> str | None:
+        return self.replacing[0] if self.replacing else None
 
 
 @dataclass(frozen=True)
@@ -156,6 +183,49 @@ class Failure:
     count: int
 
 
+@dataclass(frozen=True)
+class Eviction:
+    """Why a resident model was chosen to give way, for `/proxy/status` and the log."""
+
+    model: str
+    for_model: str
+    at: float
+    reason: str  # "idle", "least recently used", "its window ended", "operator switch"
+
+
+@dataclass
+class Resident:
+    """A model that holds capacity: loading, serving, draining or unloading."""
+
+    model: str
+    placement: Placement
+    phase: Phase
+    since: float
+    #: When it became ready, the end of its serving window, when a request for it last
+    #: arrived or ended, and from which client.
+    ready_at: float = 0.0
+    serve_until: float = 0.0
+    last_used: float = -math.inf
+    last_user: str | None = None
+    #: The idle timer counts from here (the end of its last request).
+    last_activity: float = 0.0
+    drain_deadline: float = math.inf
+    cut_sent: bool = False
+    unload_reason: str = "idle"
+    #: DRAINING to make room: the model that loads in its place once it drained.
+    making_room_for: str | None = None
+    #: READY and chosen to make room, its turn not over yet: when it gives way.
+    gives_way_at: float = math.inf
+
+
+@dataclass
+class Pending:
+    """A model whose place is reserved while the models it replaces drain."""
+
+    placement: Placement
+    victims: tuple[str, ...]
+
+
 @dataclass
 class SwitchRecord:
     """The last switch, for `/proxy/status`."""
@@ -186,29 +256,20 @@ class SwitchCore:
     failure_backoff_max: float
     #: Retry-After for the first load of a model whose load time is not known yet.
     first_load_estimate: float
+    #: Where models can run; one slot unless told otherwise.
+    capacity: Capacity = field(default_factory=SingleSlot)
+    #: Most models resident at once (0: as many as the capacity holds).
+    max_loaded: int = 0
+    #: Loads in progress at once; they never share a GPU.
+    max_concurrent_loads: int = 1
 
-    phase: Phase = Phase.IDLE
-    active: str | None = None
-    #: During DRAINING: the model to load next, or None to unload.
-    target: str | None = None
-    unload_reason: str = "idle"
-    phase_since: float = 0.0
-    #: When the active model became ready, the end of its serving window, and when a request
-    #: for it last arrived or ended.
-    ready_at: float = 0.0
-    serve_until: float = 0.0
-    last_used: float = -math.inf
-    #: The address of the last client of the active model, when known.
-    last_user: str | None = None
-    #: READY with a queue: when the switch may commit (kept for `next_deadline`).
-    switch_at: float = math.inf
-    drain_deadline: float = math.inf
-    cut_sent: bool = False
-    last_activity: float = 0.0
+    residents: dict[str, Resident] = field(default_factory=dict)
+    pending: dict[str, Pending] = field(default_factory=dict)
     inflight: dict[str, int] = field(default_factory=dict)
     waiters: dict[str, dict[int, None]] = field(default_factory=dict)
     waiting_total: int = 0
-    queue: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    #: Models asked for and not resident, in the order of their first request, with their need.
+    queue: OrderedDict[str, Demand] = field(default_factory=OrderedDict)
     failures: dict[str, Failure] = field(default_factory=dict)
     #: Per model and client (its address, or a running number when unknown), the 503 answers
     #: whose clients have not come back yet: (when the client was told to come back, when the
@@ -217,16 +278,57 @@ class SwitchCore:
     durations: dict[str, deque[float]] = field(default_factory=dict)
     unload_durations: deque[float] = field(default_factory=lambda: deque(maxlen=DURATION_SAMPLES))
     last_switch: SwitchRecord | None = None
+    evictions: deque[Eviction] = field(default_factory=lambda: deque(maxlen=EVICTIONS_KEPT))
+    #: Models an operator asked for, with the models serving at that moment: the switch does
+    #: not wait for their windows or promises (rule 10).
+    forced: dict[str, frozenset[str]] = field(default_factory=dict)
+    #: When a queued model that waits for others' windows may take their place (for `tick`).
+    blocked_until: dict[str, float] = field(default_factory=dict)
     _next_waiter: int = 0
     _next_anonymous: int = 0
 
+    # --- the one-slot view (the switch of one model; `/proxy/status`) --------------------
+
+    @property
+    def active(self) -> str | None:
+        """The resident model that was made resident last (on one slot: the only one)."""
+        if not self.residents:
+            return None
+        return next(reversed(self.residents))
+
+    @property
+    def phase(self) -> Phase:
+        resident = self.residents.get(self.active or "")
+        return resident.phase if resident is not None else Phase.IDLE
+
+    @property
+    def phase_since(self) -> float:
+        resident = self.residents.get(self.active or "")
+        return resident.since if resident is not None else 0.0
+
+    @property
+    def target(self) -> str | None:
+        """While the active model drains to make room: the model that loads next."""
+        resident = self.residents.get(self.active or "")
+        return resident.making_room_for if resident is not None else None
+
+    @property
+    def serve_until(self) -> float:
+        resident = self.residents.get(self.active or "")
+        return resident.serve_until if resident is not None else 0.0
+
     # --- queries --------------------------------------------------------------------------
 
+    def phase_of(self, model: str) -> Phase:
+        resident = self.residents.get(model)
+        return resident.phase if resident is not None else Phase.IDLE
+
     def state_of(self, model: str, now: float) -> ModelState:
-        if model == self.active:
-            if self.phase in (Phase.READY, Phase.DRAINING):
+        resident = self.residents.get(model)
+        if resident is not None:
+            if resident.phase in (Phase.READY, Phase.DRAINING):
                 return ModelState.LOADED
-            if self.phase == Phase.LOADING:
+            if resident.phase == Phase.LOADING:
                 return ModelState.LOADING
         failure = self.failures.get(model)
         if failure is not None and now < failure.until:
@@ -235,10 +337,19 @@ class SwitchCore:
 
     def is_serving(self, model: str) -> bool:
         """Whether a request for `model` would be admitted right now (the fast path)."""
-        return self.phase == Phase.READY and model == self.active
+        resident = self.residents.get(model)
+        return resident is not None and resident.phase is _READY
+
+    def fits(self, demand: Demand) -> bool:
+        """Whether a model with this need can ever run here."""
+        return fits_ever(self.capacity, demand)
+
+    def free_capacity(self) -> dict[str, float]:
+        return self.capacity.describe_free(self._used())
 
     def estimate(self, model: str) -> float:
-        """Expected load time: the longest of the recent loads, 30 s when none is known."""
+        """Expected load time: the longest of the recent loads, the first-load estimate when
+        none is known."""
         samples = self.durations.get(model)
         return max(samples) if samples else self.first_load_estimate
 
@@ -249,35 +360,42 @@ class SwitchCore:
         """Seconds until the load of `model` in progress should end. Past its estimate the
         answer grows with the time already taken (rule 6): a load that overruns is not about
         to end, and "retry in 1 s" would only burn the client's retries."""
-        elapsed = now - self.phase_since
+        resident = self.residents.get(model)
+        elapsed = now - (resident.since if resident is not None else now)
         expected = self.estimate(model)
         if elapsed < expected:
             return expected - elapsed
         return max(RETRY_FLOOR, OVERRUN_RETRY_SHARE * elapsed)
 
     def retry_after(self, model: str, now: float, client: str | None = None) -> int:
-        """Seconds until `model` is expected to serve: what is left of the current phase, the
-        models ahead of it (each loaded, and served for a window if somebody waits for it),
-        then its own load."""
+        """Seconds until `model` is expected to serve (rule 6)."""
+        resident = self.residents.get(model)
+        if resident is not None:
+            if resident.phase is _READY:
+                return 1
+            if resident.phase is Phase.LOADING:
+                return _whole_seconds(self.load_remaining(model, now))
+        if self.capacity.single:
+            return self._retry_after_one_slot(model, now, client)
+        return self._retry_after_pool(model, now, client)
+
+    def _retry_after_one_slot(self, model: str, now: float, client: str | None) -> int:
+        """What is left of the current phase, the models ahead of it (each loaded, and served
+        for a window if somebody waits for it), then its own load."""
         left = 0.0
         phase = self.phase
         active = self.active
         #: Whether the next model to load must first wait for the active one to unload.
         unload_first = phase in (Phase.LOADING, Phase.READY)
         if phase is Phase.LOADING and active is not None:
-            left = self.load_remaining(active, now)
-            if active == model:
-                return _whole_seconds(left)
-            left += self._expected_window(active)
+            left = self.load_remaining(active, now) + self._expected_window(active)
         elif phase is _READY and active is not None:
-            if model == active:
-                return 1
-            left = max(self._expected_switch(now, client) - now, 0.0)
+            left = max(self._expected_switch(self.residents[active], now, client) - now, 0.0)
         elif phase is Phase.DRAINING:
             left = self.unload_estimate()
         elif phase is Phase.UNLOADING:
             left = max(self.unload_estimate() - (now - self.phase_since), 0.0)
-        for queued in self.queue:
+        for queued in [*self.pending, *self.queue]:
             if unload_first:
                 left += self.unload_estimate()
             unload_first = True
@@ -289,30 +407,69 @@ class SwitchCore:
             left += self.unload_estimate()
         return _whole_seconds(left + self.estimate(model))
 
+    def _retry_after_pool(self, model: str, now: float, client: str | None) -> int:
+        """Loads run one after another (`max_concurrent_loads` aside): what is left of the
+        loads in progress and ahead in the queue, the wait for the models it replaces to give
+        way and drain, then its own load."""
+        left = sum(
+            self.load_remaining(r.model, now)
+            for r in self.residents.values()
+            if r.phase is Phase.LOADING
+        ) / max(self.max_concurrent_loads, 1)
+        pending = self.pending.get(model)
+        if pending is not None:
+            return _whole_seconds(left + self.unload_estimate() + self.estimate(model))
+        for ahead in [*self.pending, *self.queue]:
+            if ahead == model:
+                break
+            left += self.estimate(ahead) / max(self.max_concurrent_loads, 1)
+        demand = self.queue.get(model, Demand())
+        if self.capacity.place(demand, self._used()) is None:
+            victims = self._plan(model, demand, now)
+            if victims is not None:
+                give_way = max(
+                    (self._expected_switch(self.residents[v], now, client) for v in victims[1]),
+                    default=now,
+                )
+                left = max(left, give_way - now) + self.unload_estimate()
+        return _whole_seconds(left + self.estimate(model))
+
     def next_deadline(self) -> float | None:
         """When `tick` has something to do next, or None when only an event can change things."""
-        if self.phase is _READY:
-            if self.queue:
-                return self.switch_at
-            if self.idle_timeout > 0 and self._idle(self.active):
-                return self._idle_at()
-        elif self.phase == Phase.DRAINING and not self.cut_sent:
-            return self.drain_deadline
-        return None
+        deadlines = list(self.blocked_until.values())
+        for resident in self.residents.values():
+            if resident.phase is _READY:
+                if self.idle_timeout > 0 and self._idle(resident):
+                    deadlines.append(self._idle_at(resident))
+            elif (
+                resident.phase is Phase.DRAINING
+                and not resident.cut_sent
+                and self.inflight.get(resident.model)
+            ):
+                deadlines.append(resident.drain_deadline)
+        return min(deadlines) if deadlines else None
 
     # --- events ---------------------------------------------------------------------------
 
     def arrive(
-        self, model: str, now: float, *, hold: bool, client: str | None = None
+        self,
+        model: str,
+        now: float,
+        *,
+        hold: bool,
+        client: str | None = None,
+        demand: Demand | None = None,
     ) -> tuple[Decision, list[Effect]]:
         """A request for `model` (known to the registry) arrived from `client` (its address,
-        when known: it is what tells a client coming back from a new one)."""
-        if self.phase is _READY and model == self.active:
-            self.last_user = client
+        when known: it is what tells a client coming back from a new one). `demand` is what
+        the model needs of the capacity (default: one whole GPU)."""
+        resident = self.residents.get(model)
+        if resident is not None and resident.phase is _READY:
+            resident.last_user = client
             if not self.queue and not self.promises:  # the common case: nothing to weigh
                 self.inflight[model] = self.inflight.get(model, 0) + 1
                 return _ADMIT, []
-            if not self.queue or now < self.switch_at:
+            if now < resident.gives_way_at:
                 self.inflight[model] = self.inflight.get(model, 0) + 1
                 self._redeem(model, now, client)
                 effects: list[Effect] = []
@@ -323,9 +480,16 @@ class SwitchCore:
         failure = self.failures.get(model)
         if failure is not None and now < failure.until:
             return Refuse(failure.reason, _whole_seconds(failure.until - now)), []
+        need = demand or Demand()
+        if not self.fits(need):
+            free = ", ".join(f"{unit}={share:g}" for unit, share in self.free_capacity().items())
+            return Refuse(
+                f"model '{model}' needs {need}, more than this capacity has ({free})",
+                _whole_seconds(self.failure_backoff_max),
+            ), []
         effects = []
         self._redeem(model, now, client)
-        self._want(model)
+        self._want(model, need)
         self._pump(now, effects)
         if not hold:
             return Busy(self.promise(model, now, client)), effects
@@ -363,7 +527,8 @@ class SwitchCore:
         if not slot:
             del self.waiters[model]
         self.waiting_total -= 1
-        self.last_activity = max(self.last_activity, now)
+        for resident in self.residents.values():
+            resident.last_activity = max(resident.last_activity, now)
         return []
 
     def finish(self, model: str, now: float) -> list[Effect]:
@@ -373,35 +538,39 @@ class SwitchCore:
             self.inflight[model] = count
         else:
             self.inflight.pop(model, None)
-        self.last_activity = max(self.last_activity, now)
-        if model == self.active:
-            self.last_used = now
-        if self.phase is _READY and not self.queue:
-            return []  # nothing queued: only the idle timer can act, and `tick` runs that
+        resident = self.residents.get(model)
+        if resident is not None:
+            resident.last_activity = max(resident.last_activity, now)
+            resident.last_used = now
+        if not self.queue and not self.pending and (resident is None or resident.phase is _READY):
+            return []  # nothing waits on it: only the idle timer can act, and `tick` runs that
         effects: list[Effect] = []
         self._pump(now, effects)
         return effects
 
     def load_done(self, model: str, now: float, error: str | None = None) -> list[Effect]:
         """The backend finished loading `model` (error None) or failed with `error`."""
-        if self.phase != Phase.LOADING or model != self.active:
+        resident = self.residents.get(model)
+        if resident is None or resident.phase != Phase.LOADING:
             return []
         effects: list[Effect] = []
-        duration = now - self.phase_since
+        duration = now - resident.since
         waiters = tuple(self.waiters.pop(model, {}))
         self.waiting_total -= len(waiters)
         if self.last_switch is not None and self.last_switch.to_model == model:
             self.last_switch.finished_at = now
             self.last_switch.result = "failure" if error else "success"
+        resident.last_activity = now
         if error is None:
             self.durations.setdefault(model, deque(maxlen=DURATION_SAMPLES)).append(duration)
             self.failures.pop(model, None)
-            self._set_phase(Phase.READY, now, effects)
-            self._begin_serving(now, max(self.min_residency, SERVE_WINDOW_FACTOR * duration))
+            self._set_phase(resident, Phase.READY, now, effects)
+            self._begin_serving(
+                resident, now, max(self.min_residency, SERVE_WINDOW_FACTOR * duration)
+            )
             if waiters:
                 self.inflight[model] = self.inflight.get(model, 0) + len(waiters)
                 effects.append(Release(model, waiters))
-            self.last_activity = now
         else:
             previous = self.failures.get(model)
             count = previous.count + 1 if previous else 1
@@ -410,74 +579,91 @@ class SwitchCore:
             self.promises.pop(model, None)
             if waiters:
                 effects.append(Reject(model, waiters, error))
-            # Whatever the failed load left behind is removed before anything else loads.
-            self._set_phase(Phase.UNLOADING, now, effects)
+            # Whatever the failed load left behind is removed before its capacity is reused.
+            resident.unload_reason = "failed"
+            self._set_phase(resident, Phase.UNLOADING, now, effects)
             effects.append(StartUnload(model, "failed"))
-            self.last_activity = now
         self._pump(now, effects)
         return effects
 
-    def unload_done(self, now: float) -> list[Effect]:
-        if self.phase != Phase.UNLOADING:
+    def unload_done(self, model: str, now: float) -> list[Effect]:
+        resident = self.residents.get(model)
+        if resident is None or resident.phase != Phase.UNLOADING:
             return []
         effects: list[Effect] = []
-        self.unload_durations.append(now - self.phase_since)
-        self.active = None
-        self._set_phase(Phase.IDLE, now, effects)
+        self.unload_durations.append(now - resident.since)
+        del self.residents[model]
+        effects.append(PhaseChanged(model, Phase.IDLE))
         self._pump(now, effects)
         return effects
 
-    def lost(self, now: float) -> list[Effect]:
-        """The loaded model went away on its own (process died, pod deleted, another replica
+    def lost(self, model: str, now: float) -> list[Effect]:
+        """A resident model went away on its own (process died, pod deleted, another replica
         switched). Its in-flight requests fail on their own; the next request reloads."""
-        if self.phase not in (Phase.READY, Phase.DRAINING):
+        resident = self.residents.get(model)
+        if resident is None or resident.phase not in (Phase.READY, Phase.DRAINING):
             return []
         effects: list[Effect] = []
-        self.active = None
-        self.target = None
-        self._set_phase(Phase.IDLE, now, effects)
+        del self.residents[model]
+        for pending in self.pending.values():
+            if model in pending.victims:  # already gone: nothing to stop for it
+                pending.victims = tuple(v for v in pending.victims if v != model)
+        effects.append(PhaseChanged(model, Phase.IDLE))
         self._pump(now, effects)
         return effects
 
-    def adopt(self, model: str, now: float) -> list[Effect]:
-        """At start-up the backend reported `model` already loaded and ready."""
-        if self.phase != Phase.IDLE:
+    def adopt(self, model: str, now: float, placement: Placement | None = None) -> list[Effect]:
+        """At start-up the backend reported `model` already loaded and ready (at `placement`,
+        default: wherever it fits)."""
+        if model in self.residents:
+            return []
+        where = placement or self.capacity.place(Demand(), self._used())
+        if where is None:
             return []
         effects: list[Effect] = []
-        self.active = model
-        self._set_phase(Phase.READY, now, effects)
-        self._begin_serving(now, self.min_residency)
-        self.last_activity = now
+        resident = self.residents[model] = Resident(model, where, Phase.READY, now)
+        self._set_phase(resident, Phase.READY, now, effects)
+        self._begin_serving(resident, now, self.min_residency)
+        resident.last_activity = now
         return effects
 
-    def request_switch(self, model: str, now: float) -> list[Effect]:
-        """An operator asked for `model` (`POST /proxy/models/switch`): clears its back-off."""
+    def request_switch(self, model: str, now: float, demand: Demand | None = None) -> list[Effect]:
+        """An operator asked for `model` (`POST /proxy/models/switch`): clears its back-off,
+        and its switch overrides serving windows and promises (rule 10)."""
         self.failures.pop(model, None)
         effects: list[Effect] = []
-        if self.phase in (Phase.READY, Phase.LOADING) and model == self.active:
+        resident = self.residents.get(model)
+        if resident is not None and resident.phase in (_READY, Phase.LOADING):
             return effects
-        self._want(model)
-        if self.phase == Phase.READY:
-            # An operator's word overrides the serving window and the promises.
-            self.serve_until = now
-            self.last_used = -math.inf
-            self.promises.pop(self.active or "", None)
+        need = demand or self.queue.get(model) or Demand()
+        if not self.fits(need):
+            return effects
+        self._want(model, need)
+        serving = frozenset(m for m, r in self.residents.items() if r.phase is _READY)
+        self.forced[model] = self.forced.get(model, frozenset()) | serving
         self._pump(now, effects)
         return effects
 
     def request_unload(self, now: float) -> list[Effect]:
-        """An operator asked to unload now (`POST /proxy/unload`): drain, then unload.
+        """An operator asked to unload now (`POST /proxy/unload`): every serving model drains,
+        then unloads.
 
         Models still queued load afterwards (their clients asked for them); a load in progress
         is not interrupted (the caller reports the conflict)."""
         effects: list[Effect] = []
-        if self.phase == Phase.READY:
-            self._begin_drain(None, now, effects, reason="requested")
-            self._pump(now, effects)
-        elif self.phase == Phase.DRAINING:
-            self.target = None
-            self.unload_reason = "requested"
-            self._pump(now, effects)
+        for model, pending in list(self.pending.items()):
+            # Its place was being made: it goes back to the head of the queue.
+            del self.pending[model]
+            self.queue[model] = Demand()
+            self.queue.move_to_end(model, last=False)
+            for victim in pending.victims:
+                resident = self.residents[victim]
+                resident.making_room_for = None
+                resident.unload_reason = "requested"
+        for resident in self.residents.values():
+            if resident.phase is _READY:
+                self._begin_drain(resident, None, now, effects, reason="requested")
+        self._pump(now, effects, place=False)
         return effects
 
     def tick(self, now: float) -> list[Effect]:
@@ -488,41 +674,47 @@ class SwitchCore:
 
     # --- the policy -----------------------------------------------------------------------
 
-    def _want(self, model: str) -> None:
-        if model == self.active and self.phase == Phase.LOADING:
+    def _used(self) -> list[Placement]:
+        return [r.placement for r in self.residents.values()]
+
+    def _want(self, model: str, demand: Demand) -> None:
+        resident = self.residents.get(model)
+        if resident is not None and resident.phase is Phase.LOADING:
             return
-        if model not in self.queue:
-            self.queue[model] = None
+        if model not in self.queue and model not in self.pending:
+            self.queue[model] = demand
 
-    def _idle(self, model: str | None) -> bool:
-        return (
-            not self.queue
-            and not self.waiting_total
-            and (model is None or not self.inflight.get(model))
-        )
+    def _idle(self, resident: Resident) -> bool:
+        """Nothing in flight on it and nobody waiting for it; on one slot, nobody waiting at
+        all (a waiting model is a switch, not an idle timeout)."""
+        if self.inflight.get(resident.model) or self.waiters.get(resident.model):
+            return False
+        return not (self.capacity.single and (self.queue or self.waiting_total))
 
-    def _idle_at(self) -> float:
-        """When the ready model unloads if nothing happens: the idle timeout after the last
+    def _idle_at(self, resident: Resident) -> float:
+        """When a ready model unloads if nothing happens: the idle timeout after its last
         request, and not before the clients it told to come back had their chance."""
-        at = self.last_activity + self.idle_timeout
-        pending = self.promises.get(self.active or "")
+        at = resident.last_activity + self.idle_timeout
+        pending = self.promises.get(resident.model)
         if pending:
             promised = min(
-                max(lapse for _, lapse in pending.values()), self.ready_at + MAX_PROMISE_HOLD
+                max(lapse for _, lapse in pending.values()),
+                resident.ready_at + MAX_PROMISE_HOLD,
             )
             at = max(at, promised)
         return at
 
-    def _begin_serving(self, now: float, window: float) -> None:
-        self.ready_at = now
-        self.serve_until = now + window
-        self.last_used = now  # whoever it was loaded for is about to use it
-        self.last_user = None
-        self.switch_at = math.inf
+    def _begin_serving(self, resident: Resident, now: float, window: float) -> None:
+        resident.ready_at = now
+        resident.serve_until = now + window
+        resident.last_used = now  # whoever it was loaded for is about to use it
+        resident.last_user = None
+        resident.gives_way_at = math.inf
 
     def _expected_window(self, model: str) -> float:
-        """How long `model`, once loaded, is expected to keep the GPU before the next switch:
-        its serving window if somebody waits for it, else nothing (it gives way at once)."""
+        """How long `model`, once loaded, is expected to keep its place before the next
+        switch: its serving window if somebody waits for it, else nothing (it gives way at
+        once)."""
         if self.waiters.get(model) or self.promises.get(model):
             return max(self.min_residency, SERVE_WINDOW_FACTOR * self.estimate(model))
         return 0.0
@@ -539,108 +731,227 @@ class SwitchCore:
             pending.pop(client, None)
         elif pending:
             oldest = next(iter(pending))
-            if (self.phase is _READY and model == self.active) or pending[oldest][0] <= now + 1:
+            if self.is_serving(model) or pending[oldest][0] <= now + 1:
                 del pending[oldest]
         if not pending:
             del self.promises[model]
 
-    def _promised_until(self, model: str, now: float) -> float:
-        """The latest outstanding promise for the active model, capped (rule 5)."""
-        pending = self.promises.get(model)
+    def _promised_until(self, resident: Resident, now: float) -> float:
+        """The latest outstanding promise for a resident model, capped (rule 5)."""
+        pending = self.promises.get(resident.model)
         if not pending:
             return 0.0
         latest = max(lapse for _, lapse in pending.values())
         if latest <= now:
-            del self.promises[model]
+            del self.promises[resident.model]
             return 0.0
-        return min(latest, self.ready_at + MAX_PROMISE_HOLD)
+        return min(latest, resident.ready_at + MAX_PROMISE_HOLD)
 
-    def _expected_switch(self, now: float, client: str | None) -> float:
-        """When a switch away from the ready active model is expected, as `client` asks for
-        another: like `_hold_until`, except that a model someone else used within the quiet
-        gap is expected to stay in use for its whole window (a Retry-After assumes its users
-        carry on). The client that used it last is moving on: its switch comes at once."""
-        active = self.active or ""
-        in_use = self.inflight.get(active) or (
-            now < self.last_used + self.quiet_gap and (client is None or client != self.last_user)
+    def _expected_switch(self, resident: Resident, now: float, client: str | None) -> float:
+        """When a ready model is expected to give way, as `client` asks for another: like
+        `_hold_until`, except that a model someone else used within the quiet gap is expected
+        to stay in use for its whole window (a Retry-After assumes its users carry on). The
+        client that used it last is moving on: its switch comes at once."""
+        in_use = self.inflight.get(resident.model) or (
+            now < resident.last_used + self.quiet_gap
+            and (client is None or client != resident.last_user)
         )
         if in_use:
-            return max(self.serve_until, self._promised_until(active, now))
-        return self._hold_until(now)
+            return max(resident.serve_until, self._promised_until(resident, now))
+        return self._hold_until(resident, now)
 
-    def _hold_until(self, now: float) -> float:
-        """When a switch away from the ready active model may commit (rules 3-5)."""
-        active = self.active or ""
-        if self.inflight.get(active):
-            until = self.serve_until  # in use: it serves out its window
+    def _hold_until(self, resident: Resident, now: float) -> float:
+        """When a ready model may give way to a waiting one (rules 3-5)."""
+        if self.inflight.get(resident.model):
+            until = resident.serve_until  # in use: it serves out its window
         else:
             # Quiet: it gives way once the quiet gap has passed, or at the end of its window.
-            until = min(self.serve_until, self.last_used + self.quiet_gap)
-        return max(until, self._promised_until(active, now))
+            until = min(resident.serve_until, resident.last_used + self.quiet_gap)
+        return max(until, self._promised_until(resident, now))
 
-    def _pump(self, now: float, effects: list[Effect]) -> None:
+    def _candidates(self, claimed: set[str]) -> list[Resident]:
+        """Ready models that could give way, the cheapest first: idle before busy, then least
+        recently used."""
+        ready = [r for r in self.residents.values() if r.phase is _READY and r.model not in claimed]
+        ready.sort(key=lambda r: (bool(self.inflight.get(r.model)), r.last_used))
+        return ready
+
+    def _plan(
+        self,
+        model: str,
+        demand: Demand,
+        now: float,
+        reserved: list[Placement] | None = None,
+        claimed: set[str] | None = None,
+    ) -> tuple[Placement, tuple[str, ...]] | None:
+        """Where `model` goes and which ready models give way for it; None when even all of
+        them together do not make room (loads, drains or reservations hold the rest)."""
+        claimed = claimed or set()
+        candidates = self._candidates(claimed)
+        names = {r.model for r in candidates}
+        kept = [r.placement for r in self.residents.values() if r.model not in names]
+        kept += reserved or []
+        plan = plan_eviction(
+            self.capacity, demand, kept, [(r.model, r.placement) for r in candidates]
+        )
+        if plan is None:
+            return None
+        placement, victims = plan
+        if self.max_loaded:
+            # The cap counts models: make room in numbers too, with the next cheapest.
+            resident = len(self.residents) - len(claimed) + len(self.pending) + 1
+            extra = [r.model for r in candidates if r.model not in victims]
+            while resident - len(victims) > self.max_loaded and extra:
+                victims = (*victims, extra.pop(0))
+            if resident - len(victims) > self.max_loaded:
+                return None
+        return placement, victims
+
+    def _pump(self, now: float, effects: list[Effect], *, place: bool = True) -> None:
         """Advance as far as the state allows; called after every event."""
-        if self.phase == Phase.IDLE:
-            self._drop_failed_from_queue(now, effects)
-            if self.queue:
-                model, _ = self.queue.popitem(last=False)
-                self._start_load(model, None, now, effects)
+        self._drop_failed_from_queue(now, effects)
+        for model in [m for m in self.queue if self.phase_of(m) in (_READY, Phase.LOADING)]:
+            del self.queue[model]  # already there (or on its way)
+        claimed = self._place_queue(now, effects) if place else set()
+        self._idle_unloads(now, effects, claimed)
+        self._drains(now, effects)
+
+    def _place_queue(self, now: float, effects: list[Effect]) -> set[str]:
+        """Start what fits; choose, and when their turn is over drain, what must give way.
+
+        Strictly in queue order where room must be made: a model behind may only take room
+        that nobody ahead of it needs, so no model waits for more than one turn of each model
+        ahead of it (rule 2). Returns the ready models claimed by a switch still waiting."""
+        for resident in self.residents.values():
+            resident.gives_way_at = math.inf
+        self.blocked_until.clear()
+        reserved = [p.placement for p in self.pending.values()]
+        claimed = {victim for p in self.pending.values() for victim in p.victims}
+        loading = [r.placement for r in self.residents.values() if r.phase is Phase.LOADING]
+        loads = len(loading) + len(self.pending)
+        for model, demand in list(self.queue.items()):
+            if model in self.residents:
+                continue  # still draining or unloading from before: it loads once gone
+            if loads >= self.max_concurrent_loads:
+                break
+            count = len(self.residents) - len(claimed) + len(self.pending)
+            if not self.max_loaded or count < self.max_loaded:
+                placement = self.capacity.place(demand, [*self._used(), *reserved])
+                if placement is not None and not any(overlaps(placement, p) for p in loading):
+                    del self.queue[model]
+                    self.forced.pop(model, None)
+                    self._start_load(model, placement, (), now, effects)
+                    loading.append(placement)
+                    loads += 1
+                    continue
+            plan = self._plan(model, demand, now, reserved, claimed)
+            if plan is None:
+                break  # nothing can make room yet: loads and drains must end first
+            placement, victims = plan
+            reserved.append(placement)
+            if not victims:
+                continue  # it fits, on a GPU a load in progress uses: once that load ends
+            overridden = self.forced.get(model, frozenset())
+            residents = [self.residents[v] for v in victims]
+            forced = all(r.model in overridden for r in residents)
+            give_way = max(
+                now if r.model in overridden else self._hold_until(r, now) for r in residents
+            )
+            claimed.update(victims)
+            if now < give_way:
+                self.blocked_until[model] = give_way
+                for resident in residents:
+                    resident.gives_way_at = min(resident.gives_way_at, give_way)
+                continue
+            del self.queue[model]
+            self.forced.pop(model, None)
+            for resident in residents:
+                self.promises.pop(resident.model, None)  # its turn is over
+                self.evictions.append(
+                    Eviction(resident.model, model, now, self._why(resident, now, forced))
+                )
+                self._begin_drain(resident, model, now, effects, reason="switch")
+            self.pending[model] = Pending(placement, victims)
+            loads += 1
+        return claimed
+
+    def _why(self, resident: Resident, now: float, forced: bool) -> str:
+        if forced:
+            return "operator switch"
+        if self.inflight.get(resident.model):
+            return "its window ended"
+        if len(self.residents) == 1:
+            return "not in use"
+        return "idle, least recently used"
+
+    def _idle_unloads(self, now: float, effects: list[Effect], claimed: set[str]) -> None:
+        if self.idle_timeout <= 0:
             return
-        if self.phase == Phase.READY:
-            self._drop_failed_from_queue(now, effects)
-            self.queue.pop(self.active or "", None)
-            if self.queue:
-                until = self._hold_until(now)
-                if now < until:
-                    self.switch_at = until
-                    return
-                self.switch_at = math.inf
-                self.promises.pop(self.active or "", None)  # its turn is over
-                target = next(iter(self.queue))
-                self._begin_drain(target, now, effects, reason="switch")
-            elif self.idle_timeout > 0 and self._idle(self.active) and now >= self._idle_at():
-                self._promised_until(self.active or "", now)  # drops lapsed promises
-                if now < self._idle_at():
-                    return
-                self._begin_drain(None, now, effects, reason="idle")
-            else:
-                return
-        if self.phase == Phase.DRAINING:
-            active = self.active
-            if active is None:  # cannot happen: DRAINING always has an active model
-                self._set_phase(Phase.IDLE, now, effects)
-                return
-            if self.inflight.get(active):
-                if now >= self.drain_deadline and not self.cut_sent:
-                    self.cut_sent = True
-                    effects.append(Cut(active))
-                return
-            if self.target is None:
-                self._set_phase(Phase.UNLOADING, now, effects)
-                effects.append(StartUnload(active, self.unload_reason))
-            else:
-                # Requests for the old model that arrived while draining stay queued behind.
-                target = self.target
-                self.queue.pop(target, None)
-                self._start_load(target, active, now, effects)
+        for resident in list(self.residents.values()):
+            if resident.phase is not _READY or resident.model in claimed:
+                continue
+            if not self._idle(resident) or now < self._idle_at(resident):
+                continue
+            self._promised_until(resident, now)  # drops lapsed promises
+            if now < self._idle_at(resident):
+                continue
+            self._begin_drain(resident, None, now, effects, reason="idle")
+
+    def _drains(self, now: float, effects: list[Effect]) -> None:
+        """Cut what overstays its drain; unload what drained; load what was made room for."""
+        for resident in list(self.residents.values()):
+            if resident.phase is not Phase.DRAINING:
+                continue
+            if self.inflight.get(resident.model):
+                if now >= resident.drain_deadline and not resident.cut_sent:
+                    resident.cut_sent = True
+                    effects.append(Cut(resident.model))
+                continue
+            if resident.making_room_for is None:
+                self._set_phase(resident, Phase.UNLOADING, now, effects)
+                effects.append(StartUnload(resident.model, resident.unload_reason))
+        loading = [r.placement for r in self.residents.values() if r.phase is Phase.LOADING]
+        for model, pending in list(self.pending.items()):
+            if any(self.inflight.get(victim) for victim in pending.victims):
+                continue
+            if any(overlaps(pending.placement, p) for p in loading):
+                continue  # loads never share a GPU: it starts when that one is done
+            for victim in pending.victims:
+                del self.residents[victim]
+            del self.pending[model]
+            # Requests for the old models that arrived while draining stay queued behind.
+            self._start_load(model, pending.placement, pending.victims, now, effects)
+            loading.append(pending.placement)
 
     def _begin_drain(
-        self, target: str | None, now: float, effects: list[Effect], *, reason: str
+        self,
+        resident: Resident,
+        target: str | None,
+        now: float,
+        effects: list[Effect],
+        *,
+        reason: str,
     ) -> None:
-        self.target = target
-        self.unload_reason = reason
-        self.drain_deadline = now + self.drain_timeout
-        self.cut_sent = False
-        self._set_phase(Phase.DRAINING, now, effects)
+        resident.making_room_for = target
+        resident.unload_reason = reason
+        resident.drain_deadline = now + self.drain_timeout
+        resident.cut_sent = False
+        resident.gives_way_at = math.inf
+        self._set_phase(resident, Phase.DRAINING, now, effects)
 
     def _start_load(
-        self, model: str, previous: str | None, now: float, effects: list[Effect]
+        self,
+        model: str,
+        placement: Placement,
+        replacing: tuple[str, ...],
+        now: float,
+        effects: list[Effect],
     ) -> None:
-        self.active = model
-        self.target = None
+        resident = self.residents[model] = Resident(model, placement, Phase.LOADING, now)
+        previous = replacing[0] if replacing else None
         self.last_switch = SwitchRecord(previous, model, now)
-        self._set_phase(Phase.LOADING, now, effects)
-        effects.append(StartLoad(model, previous))
+        self._set_phase(resident, Phase.LOADING, now, effects)
+        effects.append(StartLoad(model, placement, replacing))
 
     def _drop_failed_from_queue(self, now: float, effects: list[Effect]) -> None:
         """Queued models in failure back-off would only fail again: fail their waiters now."""
@@ -649,15 +960,18 @@ class SwitchCore:
             if now >= failure.until:
                 continue
             del self.queue[model]
+            self.forced.pop(model, None)
             waiters = tuple(self.waiters.pop(model, {}))
             if waiters:
                 self.waiting_total -= len(waiters)
                 effects.append(Reject(model, waiters, failure.reason))
 
-    def _set_phase(self, phase: Phase, now: float, effects: list[Effect]) -> None:
-        self.phase = phase
-        self.phase_since = now
-        effects.append(PhaseChanged(self.active, phase, self.target))
+    def _set_phase(
+        self, resident: Resident, phase: Phase, now: float, effects: list[Effect]
+    ) -> None:
+        resident.phase = phase
+        resident.since = now
+        effects.append(PhaseChanged(resident.model, phase, resident.making_room_for))
 
 
 def _whole_seconds(seconds: float) -> int:

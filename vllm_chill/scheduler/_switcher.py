@@ -17,6 +17,8 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from vllm_chill._model import VLLMModel
+from vllm_chill._placement import Demand, Placement
 from vllm_chill.backends._base import Backend, LoadedModel, LoadError
 from vllm_chill.observability._logs import get_logger
 from vllm_chill.observability._metrics import Metrics
@@ -45,6 +47,12 @@ log = get_logger(__name__)
 
 #: Longest an unload may take before it is reported as failed (the state still moves on).
 UNLOAD_TIMEOUT = 120.0
+
+
+def demand_of(model: VLLMModel) -> Demand:
+    """What a model declares it needs: `tensorParallelSize` GPUs with `gpuMemoryUtilization`
+    of each (vLLM pre-allocates exactly that share); unset, one whole GPU."""
+    return Demand(model.tensor_parallel_size or 1, model.gpu_memory_utilization or 1.0)
 
 
 @dataclass(eq=False, slots=True)
@@ -98,16 +106,22 @@ class Switcher:
             failure_backoff=switching.failure_backoff,
             failure_backoff_max=switching.failure_backoff_max,
             first_load_estimate=switching.first_load_estimate,
+            capacity=backend.capacity,
+            max_loaded=switching.max_loaded,
+            max_concurrent_loads=switching.max_concurrent_loads,
         )
-        self.loaded: LoadedModel | None = None
-        self.progress: str = ""
+        #: Where each ready model answers.
+        self.loaded: dict[str, LoadedModel] = {}
+        #: What each load in progress is doing, as its backend reports it.
+        self.progress: dict[str, str] = {}
+        self._demands: dict[str, tuple[VLLMModel, Demand]] = {}
         self.running = False
         self._tg: TaskGroup | None = None
         self._waiters: dict[int, _Waiter] = {}
         self._leases: dict[str, set[Lease]] = {}
         self._wake = anyio.Event()
         self._timer_at = math.inf
-        self._was_active: str | None = None
+        self._was_active: tuple[set[str], set[str]] = (set(), set())
         self._stop_requested = False
         self.stopped = anyio.Event()
 
@@ -124,7 +138,7 @@ class Switcher:
                     async with anyio.create_task_group() as tg:
                         self._tg = tg
                         if loaded is not None and self.registry.get(loaded.served_model_name):
-                            self.loaded = loaded
+                            self.loaded[loaded.served_model_name] = loaded
                             self._apply(self.core.adopt(loaded.served_model_name, self.clock()))
                             log.info("adopted model=%s already loaded", loaded.served_model_name)
                         self.running = True
@@ -168,7 +182,9 @@ class Switcher:
         `client` (the caller's address) lets a 503's promise be kept per client."""
         if not self.running:
             raise NotRunning(model)
-        decision, effects = self.core.arrive(model, self.clock(), hold=hold > 0, client=client)
+        decision, effects = self.core.arrive(
+            model, self.clock(), hold=hold > 0, client=client, demand=self._demand(model)
+        )
         if type(decision) is Admit:
             if effects:  # the common case has none, and no deadline moved earlier
                 self._apply(effects)
@@ -183,6 +199,17 @@ class Switcher:
         if isinstance(decision, TooMany):
             raise TooManyWaiting(model, decision.retry_after)
         raise AssertionError(decision)
+
+    def _demand(self, name: str) -> Demand | None:
+        """The model's need of the capacity, remembered per definition (a changed manifest
+        is a new object, so a new need)."""
+        model = self.registry.get(name)
+        if model is None:
+            return None
+        known = self._demands.get(name)
+        if known is None or known[0] is not model:
+            known = self._demands[name] = (model, demand_of(model))
+        return known[1]
 
     async def _hold(self, model: str, waiter_id: int, hold: float, client: str | None) -> Lease:
         waiter = _Waiter(model)
@@ -221,8 +248,8 @@ class Switcher:
         return lease
 
     def _make_lease(self, model: str) -> Lease | None:
-        upstream = self.loaded
-        if upstream is None or upstream.served_model_name != model:
+        upstream = self.loaded.get(model)
+        if upstream is None:
             self._apply(self.core.finish(model, self.clock()))
             return None
         lease = Lease(model, upstream)
@@ -249,12 +276,12 @@ class Switcher:
     # --- operator actions -----------------------------------------------------------------
 
     def request_switch(self, model: str) -> ModelState:
-        self._apply(self.core.request_switch(model, self.clock()))
+        self._apply(self.core.request_switch(model, self.clock(), self._demand(model)))
         return self.core.state_of(model, self.clock())
 
     def request_unload(self) -> bool:
         """False when a load is in progress (it is not interrupted)."""
-        if self.core.phase is Phase.LOADING:
+        if any(r.phase is Phase.LOADING for r in self.core.residents.values()):
             return False
         self._apply(self.core.request_unload(self.clock()))
         return True
@@ -268,7 +295,7 @@ class Switcher:
             elif isinstance(effect, Reject):
                 self._resolve(effect.waiters, "rejected", effect.reason)
             elif isinstance(effect, StartLoad):
-                self._spawn(self._load, effect.model, effect.previous)
+                self._spawn(self._load, effect.model, effect.placement, effect.replacing)
             elif isinstance(effect, StartUnload):
                 self._spawn(self._unload, effect.model, effect.reason)
             elif isinstance(effect, Cut):
@@ -335,22 +362,32 @@ class Switcher:
         core = self.core
         if effect.phase is Phase.DRAINING:
             inflight = core.inflight.get(effect.model or "", 0)
+            eviction = core.evictions[-1] if core.evictions else None
+            why = ""
+            if eviction is not None and eviction.model == effect.model and effect.target:
+                why = f" why={eviction.reason!r}"
+                self.metrics.evictions.labels(eviction.reason).inc()
             log.info(
-                "switch phase=draining model=%s next=%s in_flight=%d",
+                "switch phase=draining model=%s next=%s in_flight=%d%s",
                 effect.model,
                 effect.target or "-",
                 inflight,
+                why,
             )
-        active = core.active if core.phase in (Phase.READY, Phase.DRAINING) else None
-        if active != self._was_active:
-            self._was_active = active
-            self.metrics.set_active(active, [m.served_model_name for m in self.registry.models()])
+        serving = {
+            r.model for r in core.residents.values() if r.phase in (Phase.READY, Phase.DRAINING)
+        }
+        resident = set(core.residents)
+        if (serving, resident) != self._was_active:
+            self._was_active = (serving, resident)
+            known = [m.served_model_name for m in self.registry.models()]
+            self.metrics.set_active(serving, resident, known)
 
     def _on_progress(self, model: str, started: float) -> Callable[[str], None]:
         def progress(phase: str) -> None:
-            if self.core.active != model or self.core.phase is not Phase.LOADING:
+            if self.core.phase_of(model) is not Phase.LOADING:
                 return
-            self.progress = phase
+            self.progress[model] = phase
             log.info(
                 "switch phase=%r model=%s elapsed=%.1fs",
                 phase,
@@ -360,23 +397,41 @@ class Switcher:
 
         return progress
 
-    def _on_lost(self, reason: str) -> None:
-        model = self.core.active
-        if self.core.phase not in (Phase.READY, Phase.DRAINING):
+    def _on_lost(self, reason: str, *, model: str | None = None) -> None:
+        """A backend's word that a model went away on its own (`model` None: whatever one
+        model it runs)."""
+        if model is None:
+            serving = [
+                r.model
+                for r in self.core.residents.values()
+                if r.phase in (Phase.READY, Phase.DRAINING)
+            ]
+            if len(serving) != 1:
+                return
+            model = serving[0]
+        if self.core.phase_of(model) not in (Phase.READY, Phase.DRAINING):
             return
         log.warning("switch phase=lost model=%s reason=%s", model, reason)
-        self.loaded = None
-        self._apply(self.core.lost(self.clock()))
+        self.loaded.pop(model, None)
+        self._apply(self.core.lost(model, self.clock()))
         # Requests still relaying to the lost server end on their own (its connections are
         # gone, or the upstream timeout ends them); they no longer count against a reload.
-        for lease in list(self._leases.get(model or "", ())):
+        for lease in list(self._leases.get(model, ())):
             self.finish(lease)
 
-    async def _load(self, name: str, previous: str | None) -> None:
+    async def _load(self, name: str, placement: Placement, replacing: tuple[str, ...]) -> None:
         started = self.clock()
-        self.progress = "starting"
-        log.info("switch phase=loading model=%s from=%s", name, previous or "-")
-        if previous is None:
+        self.progress[name] = "starting"
+        previous = replacing[0] if replacing else None
+        log.info(
+            "switch phase=loading model=%s from=%s placement=%s",
+            name,
+            ",".join(replacing) or "-",
+            placement,
+        )
+        for gone in replacing:
+            self.loaded.pop(gone, None)
+        if not replacing:
             self.metrics.scale_events.labels("up", "request").inc()
         error: str | None = None
         model = self.registry.get(name)
@@ -384,12 +439,17 @@ class Switcher:
             if model is None:
                 raise LoadError(f"model {name!r} is no longer defined")
             with anyio.fail_after(self.switching.model_switch_timeout):
-                self.loaded = await self.backend.load(model, self._on_progress(name, started))
+                self.loaded[name] = await self.backend.load(
+                    model,
+                    self._on_progress(name, started),
+                    placement=placement,
+                    replacing=replacing,
+                )
         except TimeoutError:
             error = (
                 f"model {name!r} did not become ready within "
                 f"{self.switching.model_switch_timeout:.0f}s (--model-switch-timeout); "
-                f"last phase: {self.progress}"
+                f"last phase: {self.progress.get(name, 'starting')}"
             )
         except LoadError as exc:
             error = exc.reason
@@ -401,11 +461,11 @@ class Switcher:
         self.metrics.switches.labels(previous or "", name, result).inc()
         self.metrics.switch_duration.labels(name, result).observe(elapsed)
         if error:
-            self.loaded = None
+            self.loaded.pop(name, None)
             log.error("switch phase=failed model=%s elapsed=%.1fs reason=%s", name, elapsed, error)
         else:
             log.info("switch phase=ready model=%s elapsed=%.1fs", name, elapsed)
-        self.progress = ""
+        self.progress.pop(name, None)
         self._apply(self.core.load_done(name, self.clock(), error))
 
     async def _unload(self, name: str, reason: str) -> None:
@@ -413,14 +473,14 @@ class Switcher:
         log.info("switch phase=unloading model=%s reason=%s", name, reason)
         try:
             with anyio.fail_after(UNLOAD_TIMEOUT):
-                await self.backend.unload()
+                await self.backend.unload(name)
         except Exception as exc:
             log.error("switch phase=unload-failed model=%s reason=%s", name, exc)
-        self.loaded = None
+        self.loaded.pop(name, None)
         if reason != "failed":
             self.metrics.scale_events.labels("down", reason).inc()
         log.info("switch phase=unloaded model=%s elapsed=%.1fs", name, self.clock() - started)
-        self._apply(self.core.unload_done(self.clock()))
+        self._apply(self.core.unload_done(name, self.clock()))
 
     # --- status ---------------------------------------------------------------------------
 
@@ -430,13 +490,12 @@ class Switcher:
     def _loading(self, model: str, retry_after: int) -> ModelLoading:
         """The 503 for a model not serving yet, with what its load is doing and for how long
         (answered often during a load, so this reads the core directly)."""
-        core = self.core
-        if core.active != model:
-            return ModelLoading(model, retry_after, phase="queued", elapsed=0.0)
-        phase = self.progress or core.phase.value
-        return ModelLoading(
-            model, retry_after, phase=phase, elapsed=self.clock() - core.phase_since
-        )
+        resident = self.core.residents.get(model)
+        if resident is None or resident.phase is not Phase.LOADING:
+            phase = "making room" if model in self.core.pending else "queued"
+            return ModelLoading(model, retry_after, phase=phase, elapsed=0.0)
+        phase = self.progress.get(model) or resident.phase.value
+        return ModelLoading(model, retry_after, phase=phase, elapsed=self.clock() - resident.since)
 
     def status(self) -> dict[str, Any]:
         core = self.core
@@ -452,13 +511,39 @@ class Switcher:
                 "duration_seconds": round((finished or now) - record.started_at, 3),
                 "seconds_ago": round(now - record.started_at, 3),
             }
+        active = core.active
         return {
-            "active_model": core.active,
-            "state": core.state_of(core.active, now).value if core.active else "unloaded",
+            "active_model": active,
+            "state": core.state_of(active, now).value if active else "unloaded",
             "phase": core.phase.value,
-            "progress": self.progress or None,
+            "progress": self.progress.get(active or "") or None,
             "phase_seconds": round(now - core.phase_since, 3),
             "switching_to": core.target,
+            "models": {
+                r.model: {
+                    "phase": r.phase.value,
+                    "placement": list(r.placement.units),
+                    "gpu_fraction": r.placement.fraction,
+                    "phase_seconds": round(now - r.since, 3),
+                    "progress": self.progress.get(r.model),
+                    "making_room_for": r.making_room_for,
+                }
+                for r in core.residents.values()
+            },
+            "free_capacity": core.free_capacity(),
+            "making_room": {
+                m: {"placement": list(p.placement.units), "replacing": list(p.victims)}
+                for m, p in core.pending.items()
+            },
+            "evictions": [
+                {
+                    "model": e.model,
+                    "for": e.for_model,
+                    "why": e.reason,
+                    "seconds_ago": round(now - e.at, 3),
+                }
+                for e in reversed(core.evictions)
+            ],
             "queued_models": list(core.queue),
             "requests_in_flight": dict(core.inflight),
             "requests_waiting": {m: len(w) for m, w in core.waiters.items()},

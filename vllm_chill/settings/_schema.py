@@ -185,6 +185,21 @@ class SwitchingSettings(_Group):
         parse=v.parse_duration,
         metavar="DURATION",
     )
+    max_loaded: int = setting(
+        0,
+        "--max-loaded",
+        "most models loaded at once, whatever fits; 0 as many as the GPUs hold",
+        parse=v.non_negative_int,
+        metavar="N",
+        default_text="0: as many as fit",
+    )
+    max_concurrent_loads: int = setting(
+        1,
+        "--max-concurrent-loads",
+        "loads in progress at once (they never share a GPU)",
+        parse=v.positive_int,
+        metavar="N",
+    )
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -358,7 +373,18 @@ class KubernetesSettings(_Group):
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class LocalSettings(_Group):
-    """The local backend: one `vllm serve` child process at a time."""
+    """The local backend: a `vllm serve` child process per loaded model."""
+
+    gpus: tuple[str, ...] | None = setting(
+        None,
+        "--gpus",
+        "local and sim backends: the GPUs models are placed on, e.g. 0,1,2,3 ('none': no GPU "
+        "accounting, one model at a time); each model's process gets CUDA_VISIBLE_DEVICES",
+        parse=v.gpu_list,
+        metavar="LIST",
+        backends=frozenset({"local", "sim"}),
+        default_text="CUDA_VISIBLE_DEVICES when set, else the GPUs nvidia-smi -L lists, else none",
+    )
 
     command: str = setting(
         "vllm serve {model} {args} --host 127.0.0.1 --port {port}",

@@ -104,6 +104,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be 0 or more")
+    return value
+
+
+def gpu_list(text: str) -> tuple[str, ...]:
+    """`0,1,2,3` → ("0", "1", "2", "3"); `none` (or empty) → () for no GPU accounting."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    gpus = tuple(part.strip() for part in text.split(","))
+    if any(not gpu or any(c.isspace() for c in gpu) for gpu in gpus):
+        raise argparse.ArgumentTypeError(f"invalid GPU list {text!r} (use e.g. 0,1,2,3)")
+    if len(set(gpus)) != len(gpus):
+        raise argparse.ArgumentTypeError(f"invalid GPU list {text!r}: a GPU is listed twice")
+    return gpus
+
+
 def non_negative_number(text: str) -> float:
     try:
         value = float(text)

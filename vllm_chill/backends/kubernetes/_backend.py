@@ -35,7 +35,7 @@ import datetime
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn
 
@@ -44,6 +44,7 @@ import httpx
 from kubernetes import client as k8s_client
 
 from vllm_chill._model import ModelValidationError, VLLMModel
+from vllm_chill._placement import Capacity, Placement, SingleSlot
 from vllm_chill.backends._base import LoadedModel, LoadError, LostCallback, ProgressCallback
 from vllm_chill.backends.kubernetes._api import (
     CONFLICT,
@@ -135,6 +136,8 @@ class K8sDeploymentBackend:
         old_pod_timeout: float = OLD_POD_TIMEOUT_S,
         root_mismatch_timeout: float = ROOT_MISMATCH_TIMEOUT_S,
     ) -> None:
+        #: One Deployment: one model at a time.
+        self.capacity: Capacity = SingleSlot()
         self._apps = k8s_client.AppsV1Api(api_client)
         self._core = k8s_client.CoreV1Api(api_client)
         self._namespace = namespace
@@ -246,7 +249,15 @@ class K8sDeploymentBackend:
             self._in_session = False
             self._http = None
 
-    async def load(self, model: VLLMModel, progress: ProgressCallback) -> LoadedModel:
+    async def load(
+        self,
+        model: VLLMModel,
+        progress: ProgressCallback,
+        *,
+        placement: Placement | None = None,
+        replacing: Sequence[str] = (),
+    ) -> LoadedModel:
+        """One Deployment is one slot: the load rewrites its args, replacing what it ran."""
         self._require_started()
         self._loaded = None  # what we replace is not "lost"
         self._loaded_hash = None
@@ -266,9 +277,10 @@ class K8sDeploymentBackend:
         self._event("ModelReady", f"{model.served_model_name} is ready ({elapsed:.0f}s)")
         return loaded
 
-    async def unload(self) -> None:
-        """Scale to zero, unless another proxy replica is in the middle of a switch: cutting
-        it short would only fail its load; that replica idles its own model later."""
+    async def unload(self, model: str | None = None) -> None:
+        """Scale to zero (whatever `model` says: the Deployment runs one), unless another proxy
+        replica is in the middle of a switch: cutting it short would only fail its load; that
+        replica idles its own model later."""
         self._require_started()
         self._loaded = None
         self._loaded_hash = None

@@ -1,14 +1,17 @@
-"""`LocalProcessBackend`: one model server at a time, as a child process group.
+"""`LocalProcessBackend`: a model server per loaded model, each a child process group.
 
-For the machine with GPUs and no cluster. Each load starts the `--command` template (see
-`local_command`) on a free loopback port and is ready when `/health` answers 200 and
-`/v1/models` lists the served name with the model's `modelName` as its `root` (what vLLM
-reports as the model it loaded). A server that lists the served name with another `root`
-loaded something else (a `--command` with a fixed model, say): the load fails at once. The
-server's output is logged line by line under `vllm_chill.backends.local`, prefixed with the served
-name, and its last lines are the reason of a failed load, because a crash during load (`CUDA
-out of memory`, `unrecognized arguments`) is what the operator must see, and see at once rather
-than after `--model-switch-timeout`.
+For the machine with GPUs and no cluster. Given GPUs (`gpus`, `--gpus`), several models run at
+once where they fit: the scheduler places each one, and its process gets `CUDA_VISIBLE_DEVICES`
+set to the GPUs it was given, in order (nothing else about its environment changes). Without
+GPUs there is no accounting: one model at a time, the environment untouched. Each load starts
+the `--command` template (see `local_command`) on a free loopback port and is ready when
+`/health` answers 200 and `/v1/models` lists the served name with the model's `modelName` as its
+`root` (what vLLM reports as the model it loaded). A server that lists the served name with
+another `root` loaded something else (a `--command` with a fixed model, say): the load fails at
+once. The server's output is logged line by line under `vllm_chill.backends.local`, prefixed
+with the served name, and its last lines are the reason of a failed load, because a crash during
+load (`CUDA out of memory`, `unrecognized arguments`) is what the operator must see, and see at
+once rather than after `--model-switch-timeout`.
 
 What is guaranteed about leftover processes:
 
@@ -40,7 +43,7 @@ import socket
 import subprocess
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NoReturn
@@ -50,6 +53,7 @@ import httpx
 from anyio.abc import Process, TaskGroup
 
 from vllm_chill._model import VLLMModel
+from vllm_chill._placement import Capacity, GpuPool, Placement, SingleSlot
 from vllm_chill.backends._base import LoadedModel, LoadError, LostCallback, ProgressCallback
 from vllm_chill.backends.local._command import DEFAULT_COMMAND, CommandTemplate
 from vllm_chill.observability._logs import get_logger
@@ -77,7 +81,8 @@ MIN_ENV_SECRET = 8
 
 
 class LocalProcessBackend:
-    """Runs one model server at a time as a child process group (see the module docstring).
+    """Runs a model server per loaded model as a child process group (see the module
+    docstring); `gpus` are the GPU ids to place models on (none: one model at a time).
 
     `env` is added to the proxy's environment for the server (e.g. `CUDA_VISIBLE_DEVICES`);
     `PYTHONUNBUFFERED=1` is set unless `env` says otherwise, so Python servers' output arrives
@@ -93,6 +98,7 @@ class LocalProcessBackend:
         env: Mapping[str, str] | None = None,
         log_lines: int = 40,
         api_key: str | None = None,
+        gpus: Sequence[str] = (),
     ) -> None:
         if not hasattr(os, "killpg"):
             raise RuntimeError("the local backend needs a POSIX system (process groups)")
@@ -106,8 +112,9 @@ class LocalProcessBackend:
         self._env = dict(env or {})
         self._log_lines = log_lines
         self._api_key = api_key or None
-        self._lock = anyio.Lock()  # one load or unload at a time
-        self._current: _Server | None = None
+        #: GPU ids to place models on; none: no accounting, one model at a time.
+        self.capacity: Capacity = GpuPool(tuple(gpus)) if gpus else SingleSlot()
+        self._servers: dict[str, _Server] = {}
         self._on_lost: LostCallback | None = None
         self._tg: TaskGroup | None = None
         self._closing = False
@@ -141,66 +148,80 @@ class LocalProcessBackend:
             # around the session (Ctrl-C in a script). Closing the process transport may then
             # SIGKILL the supervisor alone, before it could kill the server's workers: kill
             # the whole group first.
-            if self._current is not None:
-                _signal_group(self._current.pgid, signal.SIGKILL)
+            for server in list(self._servers.values()):
+                _signal_group(server.pgid, signal.SIGKILL)
 
     async def _stop_all(self) -> None:
-        """Stop the running server (if any). Shielded and bounded."""
+        """Stop every server, together (a load in progress then fails at once). Shielded and
+        bounded."""
         with anyio.CancelScope(shield=True):
             self._closing = True
-            if self._current is not None:
-                # First, without the lock: a load in progress then fails at once.
-                await self._stop_server(self._current)
             with anyio.move_on_after(self.grace_period + KILL_TIMEOUT + 5):
-                async with self._lock:
-                    if self._current is not None:
-                        await self._stop_server(self._current)
+                async with anyio.create_task_group() as tg:
+                    for server in list(self._servers.values()):
+                        tg.start_soon(self._stop_server, server)
 
-    async def load(self, model: VLLMModel, progress: ProgressCallback) -> LoadedModel:
+    async def load(
+        self,
+        model: VLLMModel,
+        progress: ProgressCallback,
+        *,
+        placement: Placement | None = None,
+        replacing: Sequence[str] = (),
+    ) -> LoadedModel:
         tg = self._tg
         if tg is None or self._closing:
             raise RuntimeError("LocalProcessBackend has no session open")
-        async with self._lock:
-            current = self._current
-            if current is not None:
-                if current.model == model and current.ready and not current.exited.is_set():
-                    return current.loaded()
-                progress(f"stopping {current.name}")
-                await self._stop_server(current)
-            progress("starting process")
-            server = await self._spawn(model)
-            try:
-                if self._closing:
-                    raise LoadError("the local backend is stopping")
-                tg.start_soon(self._read_output, server)
-                tg.start_soon(self._watch_exit, server)
-                await self._wait_ready(server, progress)
-            except BaseException:
-                await self._stop_server(server)  # cancelled or failed: leave nothing behind
-                raise
-            server.ready = True
-            log.info("[%s] ready at %s", server.name, server.base_url)
-            return server.loaded()
+        name = model.served_model_name
+        current = self._servers.get(name)
+        if current is not None:
+            if current.model == model and current.ready and not current.exited.is_set():
+                return current.loaded()
+            await self._stop_server(current)  # its definition changed
+        # Without GPU accounting one model runs at a time; with it, only the drained ones go.
+        one_slot = isinstance(self.capacity, SingleSlot)
+        for other in [s for s in self._servers.values() if one_slot or s.name in replacing]:
+            progress(f"stopping {other.name}")
+            await self._stop_server(other)
+        progress("starting process")
+        server = await self._spawn(model, None if one_slot else placement)
+        try:
+            if self._closing:
+                raise LoadError("the local backend is stopping")
+            tg.start_soon(self._read_output, server)
+            tg.start_soon(self._watch_exit, server)
+            await self._wait_ready(server, progress)
+        except BaseException:
+            await self._stop_server(server)  # cancelled or failed: leave nothing behind
+            raise
+        server.ready = True
+        log.info("[%s] ready at %s", server.name, server.base_url)
+        return server.loaded()
 
-    async def unload(self) -> None:
-        async with self._lock:
-            if self._current is not None:
-                await self._stop_server(self._current)
+    async def unload(self, model: str | None = None) -> None:
+        servers = [s for s in self._servers.values() if model is None or s.name == model]
+        for server in servers:
+            await self._stop_server(server)
 
     async def check(self) -> bool:
         return True
 
     # -- starting --------------------------------------------------------------------------
 
-    async def _spawn(self, model: VLLMModel) -> _Server:
+    async def _spawn(self, model: VLLMModel, placement: Placement | None) -> _Server:
         port = _free_port(self.host)
         argv = self.template.render(model, port)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self._env}
+        if placement is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(placement.units)
         secrets = _secret_values(argv) | _secret_env_values(env)
         if self._api_key:
             secrets.add(self._api_key)
         name = model.served_model_name
-        log.info("[%s] starting: %s", name, shlex.join(_redact(word, secrets) for word in argv))
+        where = f" on GPUs {','.join(placement.units)}" if placement is not None else ""
+        log.info(
+            "[%s] starting%s: %s", name, where, shlex.join(_redact(word, secrets) for word in argv)
+        )
         supervised = [sys.executable, "-I", "-S", str(SUPERVISOR), str(os.getpid()), "--", *argv]
         try:
             # Shielded: a cancellation half-way through would leave asyncio to SIGKILL the
@@ -218,7 +239,7 @@ class LocalProcessBackend:
             raise LoadError(f"cannot start the model server: {exc}") from exc
         host = f"[{self.host}]" if ":" in self.host else self.host
         server = _Server(model, process, f"http://{host}:{port}", self._log_lines, secrets)
-        self._current = server
+        self._servers[name] = server
         return server
 
     async def _wait_ready(self, server: _Server, progress: ProgressCallback) -> None:
@@ -270,7 +291,7 @@ class LocalProcessBackend:
             reason = server.describe_exit("after it was ready")
             log.error("[%s] %s", server.name, reason)
             if self._on_lost is not None:
-                self._on_lost(reason)
+                self._on_lost(reason, model=server.name)
         except Exception:
             log.exception("[%s] watching the server process failed", server.name)
 
@@ -285,8 +306,8 @@ class LocalProcessBackend:
                     server.stopping = True
                     await self._terminate(server)
                     server.stopped.set()
-        if self._current is server:
-            self._current = None
+        if self._servers.get(server.name) is server:
+            del self._servers[server.name]
 
     async def _terminate(self, server: _Server) -> None:
         name, pgid = server.name, server.pgid
@@ -493,19 +514,20 @@ def _group_has_live_members(pgid: int) -> bool:
         except PermissionError:
             return True
         return True
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as stat_file:
-                stat = stat_file.read()
-        except OSError:
-            continue  # exited while we looked
-        # Fields after the command name (which may contain anything, even ") "): state, ppid,
-        # pgrp, ...
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            return True
+    with os.scandir("/proc") as entries:  # closed on the early return too
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as stat_file:
+                    stat = stat_file.read()
+            except OSError:
+                continue  # exited while we looked
+            # Fields after the command name (which may contain anything, even ") "): state,
+            # ppid, pgrp, ...
+            fields = stat[stat.rfind(b")") + 2 :].split()
+            if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+                return True
     return False
 
 

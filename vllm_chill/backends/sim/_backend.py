@@ -2,7 +2,9 @@
 
 It goes through the same motions as a process backend — start the server, wait for `/health`,
 then for `/v1/models` to list the served name, over real HTTP — so the proxy exercises its real
-paths without a GPU. One server at a time: loading a model stops the previous one first.
+paths without a GPU. Without `gpus`, one server at a time: loading a model stops the previous
+one first. With `gpus` (simulated ones: nothing is allocated), a server per resident model, placed
+by the scheduler as on a machine with those GPUs: several models at once, with no GPU.
 
 Testing hooks:
 
@@ -19,7 +21,7 @@ own readiness checks, and the proxy must be given it as its upstream key.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,6 +29,7 @@ import anyio
 import httpx
 
 from vllm_chill._model import VLLMModel
+from vllm_chill._placement import Capacity, GpuPool, Placement, SingleSlot
 from vllm_chill.backends._base import LoadedModel, LoadError, LostCallback, ProgressCallback
 from vllm_chill.backends.sim._server import SimModelServer
 from vllm_chill.observability._logs import get_logger
@@ -51,19 +54,27 @@ class SimBackend:
         tokens_per_second: float = SimSettings.tokens_per_second,
         host: str = "127.0.0.1",
         api_key: str | None = None,
+        gpus: Sequence[str] = (),
     ) -> None:
         self.load_time = load_time
         self.tokens_per_second = tokens_per_second
         self.host = host
+        self.capacity: Capacity = GpuPool(tuple(gpus)) if gpus else SingleSlot()
         self._api_key = api_key
-        self._server: SimModelServer | None = None
+        self._servers: dict[str, SimModelServer] = {}
+        #: Where each resident model was placed (for tests and `/proxy/status` checks).
+        self.placements: dict[str, Placement] = {}
         self._on_lost: LostCallback | None = None
-        self._lock = anyio.Lock()
 
     @property
     def server(self) -> SimModelServer | None:
-        """The current server (loading or loaded), for tests that inspect what it received."""
-        return self._server
+        """The server started last (loading or loaded), for tests that inspect what it
+        received."""
+        return next(reversed(self._servers.values()), None)
+
+    @property
+    def servers(self) -> dict[str, SimModelServer]:
+        return dict(self._servers)
 
     @asynccontextmanager
     async def session(self, on_lost: LostCallback) -> AsyncIterator[LoadedModel | None]:
@@ -80,46 +91,60 @@ class SimBackend:
     async def check(self) -> bool:
         return True
 
-    async def load(self, model: VLLMModel, progress: ProgressCallback) -> LoadedModel:
-        async with self._lock:
-            await self._stop_server()
-            progress("starting server")
-            server = SimModelServer(
-                model.served_model_name,
-                load_time=self.load_time,
-                tokens_per_second=self.tokens_per_second,
-                host=self.host,
-                api_key=self._api_key,
-                max_model_len=model.max_model_len or 8192,
-                root=model.model_name,
-                fail_load=FAIL_LOAD_FLAG in model.extra_args,
-            )
-            # Recorded before it starts, so that whatever interrupts the load, `unload` (and the
-            # cleanup below) finds it.
-            self._server = server
-            try:
-                base_url = await server.start()
-                entry = await self._wait_until_serving(server, base_url, progress)
-            except BaseException:
-                await self._stop_server()
-                raise
-            log.info("simulated vLLM for %s ready at %s", model.served_model_name, base_url)
-            return LoadedModel(model.served_model_name, base_url, entry=entry)
+    async def load(
+        self,
+        model: VLLMModel,
+        progress: ProgressCallback,
+        *,
+        placement: Placement | None = None,
+        replacing: Sequence[str] = (),
+    ) -> LoadedModel:
+        name = model.served_model_name
+        one_slot = isinstance(self.capacity, SingleSlot)
+        for other in [n for n in self._servers if one_slot or n in replacing or n == name]:
+            await self._stop_server(other)
+        progress("starting server")
+        server = SimModelServer(
+            model.served_model_name,
+            load_time=self.load_time,
+            tokens_per_second=self.tokens_per_second,
+            host=self.host,
+            api_key=self._api_key,
+            max_model_len=model.max_model_len or 8192,
+            root=model.model_name,
+            fail_load=FAIL_LOAD_FLAG in model.extra_args,
+        )
+        # Recorded before it starts, so that whatever interrupts the load, `unload` (and the
+        # cleanup below) finds it.
+        self._servers[name] = server
+        if placement is not None and not one_slot:
+            self.placements[name] = placement
+        try:
+            base_url = await server.start()
+            entry = await self._wait_until_serving(server, base_url, progress)
+        except BaseException:
+            await self._stop_server(name)
+            raise
+        log.info("simulated vLLM for %s ready at %s", model.served_model_name, base_url)
+        return LoadedModel(model.served_model_name, base_url, entry=entry)
 
-    async def unload(self) -> None:
-        async with self._lock:
-            await self._stop_server()
+    async def unload(self, model: str | None = None) -> None:
+        for name in [n for n in self._servers if model is None or n == model]:
+            await self._stop_server(name)
 
-    async def crash(self, reason: str = "simulated crash") -> None:
-        """Testing hook: the loaded server dies on its own, and the proxy is told."""
-        async with self._lock:
-            had_server = self._server is not None
-            await self._stop_server()
-        if had_server and self._on_lost is not None:
-            self._on_lost(reason)
+    async def crash(self, reason: str = "simulated crash", *, model: str | None = None) -> None:
+        """Testing hook: a loaded server (the last one started, by default) dies on its own,
+        and the proxy is told."""
+        name = model or next(reversed(self._servers), None)
+        if name is None or name not in self._servers:
+            return
+        await self._stop_server(name)
+        if self._on_lost is not None:
+            self._on_lost(reason, model=name)
 
-    async def _stop_server(self) -> None:
-        server, self._server = self._server, None
+    async def _stop_server(self, name: str) -> None:
+        server = self._servers.pop(name, None)
+        self.placements.pop(name, None)
         if server is not None:
             await server.stop()  # shielded and bounded by SimModelServer itself
 
