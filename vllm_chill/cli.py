@@ -22,8 +22,10 @@ import uvicorn
 from vllm_chill import __version__
 from vllm_chill._build import build_middleware
 from vllm_chill._model import ModelValidationError
+from vllm_chill._placement import GpuPool, fits_ever
 from vllm_chill.observability._logs import configure_logging, get_logger
 from vllm_chill.registries._files import read_models
+from vllm_chill.scheduler._switcher import demand_of
 from vllm_chill.settings import (
     Parser,
     Settings,
@@ -32,6 +34,7 @@ from vllm_chill.settings import (
     one_line,
     settings_from_namespace,
 )
+from vllm_chill.settings._values import gpu_list
 
 log = get_logger(__name__)
 
@@ -67,6 +70,13 @@ def _parser() -> Parser:
         description="Validate VLLMModel YAML files or directories; exit 1 if any is invalid.",
     )
     check.add_argument("paths", nargs="+", metavar="PATH")
+    check.add_argument(
+        "--gpus",
+        type=gpu_list,
+        metavar="LIST",
+        help="also check that each model fits these GPUs (e.g. 0,1): its tensorParallelSize "
+        "GPUs with its gpuMemoryUtilization free on each",
+    )
     commands.add_parser(
         "sim-server",
         help="run one simulated vLLM server (python -m vllm_chill.backends.sim; see its --help)",
@@ -89,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 prog=f"vllm-chill {namespace.subcommand}",
             )
         if namespace.subcommand == "check-models":
-            return check_models(namespace.paths)
+            return check_models(namespace.paths, namespace.gpus or ())
         settings = settings_from_namespace(namespace, os.environ)
     except SettingsError as exc:
         print(f"{exc.prog}: error: {exc}", file=sys.stderr)
@@ -97,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(settings)
 
 
-def check_models(paths: Sequence[str]) -> int:
+def check_models(paths: Sequence[str], gpus: Sequence[str] = ()) -> int:
     try:
         models = read_models(paths)
     except ModelValidationError as exc:
@@ -105,10 +115,19 @@ def check_models(paths: Sequence[str]) -> int:
         for problem in exc.problems:
             print(f"  - {' '.join(problem.split())}", file=sys.stderr)
         return EXIT_INVALID
+    capacity = GpuPool(tuple(gpus)) if gpus else None
+    misfits = 0
     for model in models:
         command = ["vllm", "serve", model.model_name, *model.vllm_args(include_model=False)]
         print(f"{model.served_model_name} ({model.name})")
         print(f"  {shlex.join(command)}")
+        demand = demand_of(model)
+        if capacity is not None and not fits_ever(capacity, demand):
+            misfits += 1
+            print(f"  does not fit: needs {demand}, GPUs given: {','.join(gpus)}")
+    if misfits:
+        print(f"{misfits} of {len(models)} model(s) do not fit the GPUs given", file=sys.stderr)
+        return EXIT_INVALID
     print(f"{len(models)} model(s) valid")
     return 0
 

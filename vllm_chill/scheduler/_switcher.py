@@ -362,9 +362,16 @@ class Switcher:
         core = self.core
         if effect.phase is Phase.DRAINING:
             inflight = core.inflight.get(effect.model or "", 0)
-            eviction = core.evictions[-1] if core.evictions else None
+            eviction = next(
+                (
+                    e
+                    for e in reversed(core.evictions)
+                    if e.model == effect.model and e.for_model == effect.target
+                ),
+                None,
+            )
             why = ""
-            if eviction is not None and eviction.model == effect.model and effect.target:
+            if eviction is not None:
                 why = f" why={eviction.reason!r}"
                 self.metrics.evictions.labels(eviction.reason).inc()
             log.info(
