@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from vllm_chill import StaticRegistry, VLLMModel
-from vllm_chill._placement import Capacity, Placement, SingleSlot
+from vllm_chill._placement import Capacity, GpuPool, Placement, SingleSlot
 from vllm_chill.backends._base import LoadedModel, LoadError, LostCallback, ProgressCallback
 from vllm_chill.observability._metrics import Metrics
 from vllm_chill.scheduler._core import Phase
@@ -39,6 +39,8 @@ class StormBackend:
     capacity: Capacity = field(default_factory=SingleSlot)
     pending: dict[str, asyncio.Future[str | None]] = field(default_factory=dict)
     loaded: str | None = None
+    #: What it runs, loaded last at the end.
+    resident: list[str] = field(default_factory=list)
     on_lost: LostCallback | None = None
     #: When set, the next successful load reports the model lost this many loop callbacks
     #: after it returned (0: before the released waiters even run).
@@ -60,6 +62,8 @@ class StormBackend:
     ) -> LoadedModel:
         name = model.served_model_name
         self.loaded = None
+        gone = self.resident if self.capacity.single else [*replacing, name]
+        self.resident = [m for m in self.resident if m not in gone]
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self.pending[name] = future
         try:
@@ -69,6 +73,7 @@ class StormBackend:
         if error is not None:
             raise LoadError(error)
         self.loaded = name
+        self.resident.append(name)
         if self.lose_after is not None:
             self._lose_later(self.lose_after)
             self.lose_after = None
@@ -88,15 +93,22 @@ class StormBackend:
 
     async def unload(self, model: str | None = None) -> None:
         await asyncio.sleep(0)
-        self.loaded = None
+        self.resident = [m for m in self.resident if model is not None and m != model]
+        if model is None or model == self.loaded:
+            self.loaded = None
 
     async def check(self) -> bool:
         return True
 
     def lose(self) -> None:
-        self.loaded = None
+        """The model loaded last dies on its own."""
+        if not self.resident:
+            return
+        name = self.resident.pop()
+        if name == self.loaded:
+            self.loaded = None
         if self.on_lost is not None:
-            self.on_lost("simulated crash", model=None)
+            self.on_lost("simulated crash", model=name)
 
 
 @dataclass
@@ -109,13 +121,28 @@ class Client:
 
 
 class SwitchStorm(RuleBasedStateMachine):
+    """One slot: one model at a time."""
+
+    capacity: Capacity = SingleSlot()
+    #: Each model's `tensorParallelSize` and `gpuMemoryUtilization`.
+    needs: dict[str, tuple[int, float | None]] = dict.fromkeys(MODELS, (1, None))
+    max_concurrent_loads = 1
+
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.now = 1000.0
-        self.backend = StormBackend()
+        self.backend = StormBackend(capacity=self.capacity)
         registry = StaticRegistry(
-            VLLMModel.from_spec({"modelName": f"org/{m}", "servedModelName": m}) for m in MODELS
+            VLLMModel.from_spec(
+                {
+                    "modelName": f"org/{m}",
+                    "servedModelName": m,
+                    "tensorParallelSize": tp,
+                    **({"gpuMemoryUtilization": share} if share else {}),
+                }
+            )
+            for m, (tp, share) in self.needs.items()
         )
         switching = SwitchingSettings(
             model_switch_timeout=10_000,
@@ -125,6 +152,7 @@ class SwitchStorm(RuleBasedStateMachine):
             quiet_gap=0.5,
             failure_backoff=3.0,
             failure_backoff_max=10.0,
+            max_concurrent_loads=self.max_concurrent_loads,
         )
         self.switcher = Switcher(
             self.backend,
@@ -208,13 +236,22 @@ class SwitchStorm(RuleBasedStateMachine):
             self.settle()
 
     @precondition(lambda self: bool(self.backend.pending))
-    @rule(ok=st.booleans(), lose_after=st.none() | st.integers(0, 4))
-    def end_load(self, ok: bool, lose_after: int | None) -> None:
-        (future,) = self.backend.pending.values()
+    @rule(ok=st.booleans(), lose_after=st.none() | st.integers(0, 4), data=st.data())
+    def end_load(self, ok: bool, lose_after: int | None, data: st.DataObject) -> None:
+        assert len(self.backend.pending) <= self.max_concurrent_loads
+        model = data.draw(st.sampled_from(sorted(self.backend.pending)))
+        future = self.backend.pending[model]
         # Lost a few loop steps after the load returned: perhaps before the released waiters
         # ran, perhaps while they make their leases.
         self.backend.lose_after = lose_after if ok else None
         future.set_result(None if ok else "CUDA out of memory")
+        self.settle()
+
+    @precondition(lambda self: bool(self.backend.pending))
+    @rule()
+    def every_load_succeeds(self) -> None:
+        for future in list(self.backend.pending.values()):
+            future.set_result(None)
         self.settle()
 
     @rule()
@@ -313,6 +350,31 @@ SwitchStorm.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_switch_storm = SwitchStorm.TestCase
+
+
+class PoolSwitchStorm(SwitchStorm):
+    """Two GPUs: a and b share GPU 0 or 1 at 0.45 each, c needs both; two loads at a time."""
+
+    capacity = GpuPool(("0", "1"))
+    needs = {"a": (1, 0.45), "b": (1, 0.45), "c": (2, None)}
+    max_concurrent_loads = 2
+
+    @invariant()
+    def the_gpus_are_never_over_committed(self) -> None:
+        use = {"0": 0.0, "1": 0.0}
+        for resident in self.switcher.core.residents.values():
+            for unit in resident.placement.units:
+                use[unit] += resident.placement.fraction
+        assert all(share <= 1.0 + 1e-9 for share in use.values()), use
+
+
+PoolSwitchStorm.TestCase.settings = settings(
+    max_examples=200,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_pool_switch_storm = PoolSwitchStorm.TestCase
 
 
 def test_the_storm_machine_can_fail() -> None:
