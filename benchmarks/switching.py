@@ -13,7 +13,12 @@ in front of simulated vLLM servers on loopback that take a set time to load:
     after exactly the Retry-After it was given (as the official openai client does): number
     of switches, serving fraction (share of the wall clock with a model serving) and the
     longest a client waited, for 1 s and 10 s loads;
-(c) from (b): every Retry-After given against when the model really became ready.
+(c) from (b): every Retry-After given against when the model really became ready;
+(d) (b) again with one simulated GPU (`--gpus 0`) and both models at
+    `gpuMemoryUtilization: 0.45`: they fit side by side, so both stay loaded.
+
+"Each client's model serving" is the share of the wall clock during which the model a client
+wants is serving, averaged over the clients: what each user gets.
 
 Load times are learnt before measuring (each model is loaded once), as they are in a proxy
 that has been up for a while; the first load of a model is always announced as 30 s.
@@ -43,8 +48,9 @@ MARK_END = "<!-- switching-results:end -->"
 MODELS = ("alpha", "beta")
 
 
-def spec(name: str) -> VLLMModel:
-    return VLLMModel.from_spec({"modelName": f"org/{name}", "servedModelName": name})
+def spec(name: str, share: float | None = None) -> VLLMModel:
+    extra = {"gpuMemoryUtilization": share} if share else {}
+    return VLLMModel.from_spec({"modelName": f"org/{name}", "servedModelName": name, **extra})
 
 
 def body(model: str) -> dict[str, Any]:
@@ -57,18 +63,22 @@ class Timeline:
 
     ready_since: dict[str, list[float]] = field(default_factory=dict)
     serving: float = 0.0
+    #: Per model, how long it was serving.
+    per_model: dict[str, float] = field(default_factory=dict)
     switches: int = 0
 
 
 @asynccontextmanager
 async def proxy(
-    load_time: float, users: int = 1, max_wait: float = 0.0
+    load_time: float, users: int = 1, max_wait: float = 0.0, gpus: tuple[str, ...] = ()
 ) -> AsyncIterator[tuple[list[httpx.AsyncClient], Any]]:
     """The proxy in front of simulated servers; one HTTP client per user, each from an address
-    of its own (the proxy tells users apart by address)."""
+    of its own (the proxy tells users apart by address). With `gpus`, the models take 0.45 of
+    a GPU each."""
+    share = 0.45 if gpus else None
     app = ModelSwitchMiddleware(
-        registry=StaticRegistry(spec(m) for m in MODELS),
-        backend=SimBackend(load_time=load_time, tokens_per_second=0),
+        registry=StaticRegistry(spec(m, share) for m in MODELS),
+        backend=SimBackend(load_time=load_time, tokens_per_second=0, gpus=gpus),
         settings=Settings(switching=SwitchingSettings(max_wait=max_wait)),
     )
     async with app.running(), AsyncExitStack() as stack:
@@ -122,24 +132,29 @@ async def single_user(load_time: float) -> dict[str, float]:
 async def sample(app: Any, timeline: Timeline, stop: asyncio.Event) -> None:
     core = app.switcher.core
     last = time.monotonic()
-    was_loading = False
+    was_loading: set[str] = set()
     while not stop.is_set():
         await asyncio.sleep(0.01)
         now = time.monotonic()
-        if core.phase is Phase.READY:
+        ready = [r for r in core.residents.values() if r.phase is Phase.READY]
+        if ready:
             timeline.serving += now - last
-            readies = timeline.ready_since.setdefault(core.active, [])
-            if not readies or readies[-1] < core.ready_at:  # the switcher's clock is ours
-                readies.append(core.ready_at)
-        loading = core.phase is Phase.LOADING
-        if loading and not was_loading:
-            timeline.switches += 1
+        for resident in ready:
+            model = resident.model
+            timeline.per_model[model] = timeline.per_model.get(model, 0.0) + now - last
+            readies = timeline.ready_since.setdefault(model, [])
+            if not readies or readies[-1] < resident.ready_at:  # the switcher's clock is ours
+                readies.append(resident.ready_at)
+        loading = {m for m, r in core.residents.items() if r.phase is Phase.LOADING}
+        timeline.switches += len(loading - was_loading)
         was_loading = loading
         last = now
 
 
-async def alternating(load_time: float, seconds: float) -> dict[str, Any]:
-    async with proxy(load_time, users=len(MODELS)) as (clients, app):
+async def alternating(
+    load_time: float, seconds: float, gpus: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    async with proxy(load_time, users=len(MODELS), gpus=gpus) as (clients, app):
         for http, model in zip(clients, MODELS, strict=True):  # learn the load times
             await until_answered(http, model, poll=0.05)
         timeline = Timeline()
@@ -169,9 +184,11 @@ async def alternating(load_time: float, seconds: float) -> dict[str, Any]:
             errors.append(at + retry_after - readies[0])
     return {
         "load": load_time,
+        "gpus": gpus,
         "seconds": elapsed,
         "switches": timeline.switches,
         "serving": timeline.serving / elapsed,
+        "each": statistics.mean(timeline.per_model.get(m, 0.0) for m in MODELS) / elapsed,
         "longest_wait": max(waits, default=0.0),
         "retry_after_error": errors,
     }
@@ -186,18 +203,20 @@ def table(single: dict[str, float], runs: list[dict[str, Any]]) -> str:
         lines.append(f"| {label} | {extra:.2f} s |")
     lines += [
         "",
-        "| two clients alternating | switches | serving fraction | longest wait |"
-        " Retry-After minus actual ready: median / worst early / worst late | 503s |",
-        "|---|---|---|---|---|---|",
+        "| two clients alternating | switches | serving fraction | each client's model serving"
+        " | longest wait | Retry-After minus actual ready: median / worst early / worst late"
+        " | 503s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         errors = run["retry_after_error"]
         median = statistics.median(errors) if errors else 0.0
         early = min(errors, default=0.0)
         late = max(errors, default=0.0)
+        where = ", both on one GPU at 0.45" if run["gpus"] else ""
         lines.append(
-            f"| {run['load']:g} s loads, {run['seconds']:.0f} s | {run['switches']} | "
-            f"{run['serving']:.2f} | {run['longest_wait']:.1f} s | "
+            f"| {run['load']:g} s loads, {run['seconds']:.0f} s{where} | {run['switches']} | "
+            f"{run['serving']:.2f} | {run['each']:.2f} | {run['longest_wait']:.1f} s | "
             f"{median:+.1f} s / {early:+.1f} s / {late:+.1f} s | {len(errors)} |"
         )
     return "\n".join(lines)
@@ -218,7 +237,10 @@ async def main() -> None:
     parser.add_argument("--write-doc", type=Path, help="update the results block in this file")
     args = parser.parse_args()
     single, *runs = await asyncio.gather(
-        single_user(1.0), alternating(1.0, args.seconds), alternating(10.0, args.seconds)
+        single_user(1.0),
+        alternating(1.0, args.seconds),
+        alternating(10.0, args.seconds),
+        alternating(10.0, args.seconds, gpus=("0",)),
     )
     block = table(single, runs)
     print(block)

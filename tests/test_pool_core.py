@@ -303,3 +303,23 @@ def test_eviction_plans_are_minimal() -> None:
     # old alone is not enough; old + mid is, but then old can be given back: mid alone.
     assert plan == (Placement(("1",)), ("mid",))
     assert plan_eviction(gpus, Demand(3), [], candidates) is None
+
+
+# --- Retry-After with several models ------------------------------------------------------------
+
+
+def test_retry_after_counts_the_wait_for_a_busy_model_to_give_way() -> None:
+    core = pool("0", min_residency=5.0)
+    serve(core, "a", WHOLE, 10.0)  # window until 15
+    assert core.arrive("a", 11.0, hold=False)[0] == Admit()
+    decision, _ = core.arrive("b", 12.0, hold=False, demand=WHOLE)
+    # 3 s of a's window, then b's first load (30 s, nothing measured yet)
+    assert decision == Busy(retry_after=33)
+
+
+def test_retry_after_counts_the_load_in_progress_when_loads_go_one_at_a_time() -> None:
+    core = pool("0", "1")
+    core.arrive("a", 0.0, hold=False, demand=WHOLE)  # loading on GPU 0, 30 s estimated
+    decision, effects = core.arrive("b", 10.0, hold=False, demand=WHOLE)
+    assert started(effects) == {}  # GPU 1 is free, but one load at a time
+    assert decision == Busy(retry_after=20 + 30)
