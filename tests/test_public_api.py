@@ -52,6 +52,7 @@ PUBLIC: dict[str, set[str]] = {
     "vllm_chill.backends.kubernetes": {
         "ApiError",
         "K8sDeploymentBackend",
+        "K8sDeploymentsBackend",
         "load_api_client",
         "model_from_deployment",
         "namespace_from_pod",

@@ -130,8 +130,8 @@ def test_the_example_command() -> None:
     assert settings.kubernetes.enable_model_switch is True
     assert settings.kubernetes.configmap == "vllm-config"
     assert settings.kubernetes.namespace == "ai-apps"
-    assert settings.kubernetes.deployment == "vllm"
-    assert settings.upstream.url == "http://vllm.ai-apps.svc:8000"
+    assert settings.kubernetes.deployments == ("vllm",)
+    assert settings.upstream.urls == ("http://vllm.ai-apps.svc:8000",)
     assert settings.switching.model_switch_timeout == 300
     assert settings.models == ()
     assert settings.warnings == ()
@@ -153,7 +153,7 @@ def test_the_documented_defaults() -> None:
     assert (settings.sim.load_time, settings.sim.tokens_per_second) == (3, 50)
     assert (settings.logging.level, settings.logging.format) == ("info", "text")
     assert settings.logging.access_log is False
-    assert settings.upstream.url is None  # only the kubernetes backend has one
+    assert settings.upstream.urls == ()  # only the kubernetes backend has them
 
 
 def test_the_backend_is_required_without_a_deployment() -> None:
@@ -175,7 +175,7 @@ def test_the_namespace_comes_from_the_pod(tmp_path: Path) -> None:
     pod.write_text("ai-apps\n")
     settings = parse(["--deployment", "vllm"], pod=str(pod))
     assert settings.kubernetes.namespace == "ai-apps"
-    assert settings.upstream.url == "http://vllm.ai-apps.svc:8000"
+    assert settings.upstream.urls == ("http://vllm.ai-apps.svc:8000",)
     assert (
         parse(["--deployment", "vllm"], pod=str(tmp_path / "absent")).kubernetes.namespace
         == "default"
@@ -193,7 +193,7 @@ def test_the_namespace_comes_from_the_pod(tmp_path: Path) -> None:
 )
 def test_upstream(argv: list[str], upstream: str) -> None:
     settings = parse(["--deployment", "vllm", "--namespace", "ns", *argv])
-    assert settings.upstream.url == upstream
+    assert settings.upstream.urls == (upstream,)
 
 
 def test_upstream_and_target_exclude_each_other() -> None:

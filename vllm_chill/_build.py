@@ -71,34 +71,48 @@ def _file_registry(settings: Settings, namespace: str | None = None) -> ModelReg
 
 def _kubernetes(settings: Settings, api_client: Any) -> tuple[ModelRegistry, Backend]:
     k8s = settings.kubernetes
-    if k8s.deployment is None:
+    if not k8s.deployments:
         raise SettingsError("argument --deployment: required with the kubernetes backend")
+    if len(k8s.deployments) > 1 and k8s.configmap:
+        raise SettingsError(
+            "argument --configmap: not with several Deployments (each would overwrite it)"
+        )
     try:
         from vllm_chill.backends.kubernetes._backend import K8sDeploymentBackend  # noqa: PLC0415
+        from vllm_chill.backends.kubernetes._slots import K8sDeploymentsBackend  # noqa: PLC0415
     except ImportError as exc:  # the `kubernetes` extra is not installed
         raise SettingsError(f"argument --backend: {exc}") from None
 
     if api_client is None:
         api_client = load_kubernetes_client(settings)
-    backend = K8sDeploymentBackend(
-        api_client,
-        namespace=k8s.namespace,
-        deployment=k8s.deployment,
-        container=k8s.container,
-        configmap=k8s.configmap,
-        unschedulable_grace=k8s.unschedulable_grace,
-        image_pull_grace=k8s.image_pull_grace,
-        upstream=settings.upstream.url,
-        upstream_api_key=settings.upstream.api_key,
-        switch_models=k8s.enable_model_switch,
-    )
+    urls = settings.upstream.urls or (None,) * len(k8s.deployments)
+    slots = [
+        K8sDeploymentBackend(
+            api_client,
+            namespace=k8s.namespace,
+            deployment=deployment,
+            container=k8s.container,
+            configmap=k8s.configmap,
+            unschedulable_grace=k8s.unschedulable_grace,
+            image_pull_grace=k8s.image_pull_grace,
+            upstream=url,
+            upstream_api_key=settings.upstream.api_key,
+            switch_models=k8s.enable_model_switch,
+        )
+        for deployment, url in zip(k8s.deployments, urls, strict=True)
+    ]
+    # One Deployment is exactly the single-slot backend; several are slots of one.
+    backend: Backend = slots[0] if len(slots) == 1 else K8sDeploymentsBackend(slots)
     registry: ModelRegistry
     if not k8s.enable_model_switch:
         # Only what the Deployment runs now is served; other names are unknown (404).
         from vllm_chill.registries._deployment import DeploymentModelRegistry  # noqa: PLC0415
 
         registry = DeploymentModelRegistry(
-            api_client, namespace=k8s.namespace, deployment=k8s.deployment, container=k8s.container
+            api_client,
+            namespace=k8s.namespace,
+            deployment=k8s.deployments[0],
+            container=k8s.container,
         )
     elif settings.models:
         registry = _file_registry(settings, k8s.namespace)

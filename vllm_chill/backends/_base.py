@@ -32,6 +32,8 @@ class LoadedModel:
     #: The server's own `/v1/models` entry for the model, as seen when it became ready
     #: (vLLM's `max_model_len`, `root`, ...), when the backend read it.
     entry: Mapping[str, Any] | None = field(default=None, compare=False)
+    #: Where it runs, for a model found running at start-up by a backend of several slots.
+    placement: Placement | None = field(default=None, compare=False)
 
 
 class LoadError(Exception):
@@ -64,10 +66,13 @@ class Backend(Protocol):
     #: Where models can run: `SingleSlot()` for a backend that runs one model at a time.
     capacity: Capacity
 
-    def session(self, on_lost: LostCallback) -> AbstractAsyncContextManager[LoadedModel | None]:
+    def session(
+        self, on_lost: LostCallback
+    ) -> AbstractAsyncContextManager[LoadedModel | Sequence[LoadedModel] | None]:
         """Connect and start background work for the length of the `async with`; it yields
         what is loaded and ready right now (so that a restarted proxy does not reload a model
-        that is already up), or None. Leaving it stops the background work; it must not unload
+        that is already up): one model or None, or, for a backend of several slots, each
+        with its `placement`. Leaving it stops the background work; it must not unload
         a Kubernetes model (other replicas may use it), while a process backend stops its
         children. `load`, `unload` and `check` are called only inside a session."""
         ...

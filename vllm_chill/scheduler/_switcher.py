@@ -137,10 +137,17 @@ class Switcher:
                 try:
                     async with anyio.create_task_group() as tg:
                         self._tg = tg
-                        if loaded is not None and self.registry.get(loaded.served_model_name):
-                            self.loaded[loaded.served_model_name] = loaded
-                            self._apply(self.core.adopt(loaded.served_model_name, self.clock()))
-                            log.info("adopted model=%s already loaded", loaded.served_model_name)
+                        # A backend may learn its capacity as its session opens (the GPUs of
+                        # its Deployments).
+                        self.core.capacity = self.backend.capacity
+                        found = [loaded] if isinstance(loaded, LoadedModel) else loaded or []
+                        for model in found:
+                            name = model.served_model_name
+                            if self.registry.get(name) is None:
+                                continue
+                            self.loaded[name] = model
+                            self._apply(self.core.adopt(name, self.clock(), model.placement))
+                            log.info("adopted model=%s already loaded", name)
                         self.running = True
                         task_status.started()
                         await self._timer()

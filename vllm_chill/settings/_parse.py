@@ -216,7 +216,7 @@ def settings_from_namespace(
 
     # backend: kubernetes when --deployment is given, else required
     if "backend" not in values:
-        if "kubernetes.deployment" not in values:
+        if not values.get("kubernetes.deployments"):
             raise SettingsError(
                 "argument --backend: required (kubernetes, local or sim) unless --deployment "
                 f"is given [env {_BY_DEST['backend'].env}]",
@@ -231,9 +231,19 @@ def settings_from_namespace(
             warnings.append(f"{sources[option.dest]} is not used by the {backend} backend")
 
     if backend == "kubernetes":
-        if "kubernetes.deployment" not in values:
-            fail("kubernetes.deployment", "required with the kubernetes backend")
-        if values.get("models") and not values.get("kubernetes.enable_model_switch"):
+        deployments = values.get("kubernetes.deployments") or ()
+        if not deployments:
+            fail("kubernetes.deployments", "required with the kubernetes backend")
+        if len(set(deployments)) != len(deployments):
+            fail("kubernetes.deployments", "a Deployment is listed twice")
+        switching = values.get("kubernetes.enable_model_switch")
+        if len(deployments) > 1 and not switching:
+            fail(
+                "kubernetes.deployments",
+                "several Deployments need --enable-model-switch (without it each Deployment "
+                "would only serve what it runs now)",
+            )
+        if values.get("models") and not switching:
             warnings.append(
                 f"{sources['models']} is not used without --enable-model-switch: only the "
                 "Deployment's current model is served"
@@ -241,23 +251,35 @@ def settings_from_namespace(
         if "kubernetes.namespace" not in values:
             values["kubernetes.namespace"] = _pod_namespace(pod_namespace_file) or "default"
         target = "upstream.target_host" in values or "upstream.target_port" in values
-        if "upstream.url" in values and target:
+        if "upstream.urls" in values and target:
             fail(
-                "upstream.url",
+                "upstream.urls",
                 "not allowed with --target-host/--target-port (give one or the other)",
             )
-        if "upstream.url" not in values:
-            host = values.get("upstream.target_host") or (
-                f"{values['kubernetes.deployment']}.{values['kubernetes.namespace']}.svc"
+        if target and len(deployments) > 1:
+            fail("upstream.target_host", "not allowed with several Deployments: use --upstream")
+        urls = values.get("upstream.urls")
+        if urls is not None and len(urls) != len(deployments):
+            fail(
+                "upstream.urls",
+                f"{len(urls)} given for {len(deployments)} Deployment(s): one per --deployment, "
+                "in the same order",
             )
+        if urls is None:
             port = values.get("upstream.target_port", DEFAULT_UPSTREAM_PORT)
-            if ":" in host and not host.startswith("["):
-                host = f"[{host}]"  # an IPv6 address
-            values["upstream.url"] = f"http://{host}:{port}"
+            found = []
+            for name in deployments:
+                host = values.get("upstream.target_host") or (
+                    f"{name}.{values['kubernetes.namespace']}.svc"
+                )
+                if ":" in host and not host.startswith("["):
+                    host = f"[{host}]"  # an IPv6 address
+                found.append(f"http://{host}:{port}")
+            values["upstream.urls"] = tuple(found)
     else:
         if not values.get("models"):
             fail("models", f"required with the {backend} backend")
-        values.pop("upstream.url", None)
+        values.pop("upstream.urls", None)
 
     return assemble(values, tuple(warnings))
 

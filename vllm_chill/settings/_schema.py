@@ -251,11 +251,13 @@ class SecuritySettings(_Group):
 class UpstreamSettings(_Group):
     """The models' vLLM servers: where (kubernetes), how patiently, with which key."""
 
-    url: str | None = setting(
-        None,
+    urls: tuple[str, ...] = setting(
+        (),
         "--upstream",
-        "kubernetes: where the vLLM Service answers",
+        "kubernetes: where each Deployment's vLLM Service answers, in the order of --deployment "
+        "(repeatable; env: comma-separated)",
         parse=v.url,
+        kind="list",
         metavar="URL",
         backends=_K8S,
         default_text="http://<deployment>.<namespace>.svc:8000",
@@ -320,12 +322,16 @@ class KubernetesSettings(_Group):
         metavar="NS",
         default_text="the pod's own, else 'default'",
     )
-    deployment: str | None = setting(
-        None,
+    deployments: tuple[str, ...] = setting(
+        (),
         "--deployment",
-        "the vLLM Deployment (required with the kubernetes backend)",
+        "the vLLM Deployment (required with the kubernetes backend); repeat it for several: "
+        "each runs one model, and as many models as Deployments are served at once "
+        "(env: comma-separated)",
+        kind="list",
         metavar="NAME",
         backends=_K8S,
+        default_text="",
     )
     container: str | None = setting(
         None,

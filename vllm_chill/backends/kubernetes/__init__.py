@@ -14,10 +14,12 @@ except ImportError:  # pragma: no cover - the test environment has the extra
 
 from vllm_chill.backends.kubernetes._api import ApiError, load_api_client, namespace_from_pod
 from vllm_chill.backends.kubernetes._backend import K8sDeploymentBackend, model_from_deployment
+from vllm_chill.backends.kubernetes._slots import K8sDeploymentsBackend
 
 __all__ = [
     "ApiError",
     "K8sDeploymentBackend",
+    "K8sDeploymentsBackend",
     "load_api_client",
     "model_from_deployment",
     "namespace_from_pod",

@@ -138,6 +138,8 @@ class K8sDeploymentBackend:
     ) -> None:
         #: One Deployment: one model at a time.
         self.capacity: Capacity = SingleSlot()
+        #: The vLLM container's `nvidia.com/gpu` limit, read when the session opens.
+        self.gpus: int | None = None
         self._apps = k8s_client.AppsV1Api(api_client)
         self._core = k8s_client.CoreV1Api(api_client)
         self._namespace = namespace
@@ -203,6 +205,10 @@ class K8sDeploymentBackend:
     def upstream(self) -> str:
         return self._upstream
 
+    @property
+    def deployment(self) -> str:
+        return self._name
+
     # -- Backend ----------------------------------------------------------------------------
 
     @asynccontextmanager
@@ -215,9 +221,10 @@ class K8sDeploymentBackend:
             raise RuntimeError("K8sDeploymentBackend already has a session open")
         deployment = await self._read_at_start()
         try:
-            pick_container(deployment, self._container)
+            container = pick_container(deployment, self._container)
         except ArgsError as exc:
             raise RuntimeError(f"Deployment {self._namespace}/{self._name}: {exc}") from None
+        self.gpus = gpu_limit(container)
         self._pods = Informer(
             f"pods of Deployment {self._namespace}/{self._name}",
             self._core.list_namespaced_pod,
@@ -909,3 +916,16 @@ def model_from_deployment(deployment: Obj, container: str | None = None) -> VLLM
         return VLLMModel.from_spec(spec, name=name, source="Deployment args")
     except ModelValidationError:
         return VLLMModel(name=name, model_name=str(spec["modelName"]), served_model_name=served)
+
+
+def gpu_limit(container: Mapping[str, Any]) -> int | None:
+    """The container's `nvidia.com/gpu` limit (or request), None when it declares none."""
+    resources = container.get("resources") or {}
+    for kind in ("limits", "requests"):
+        value = (resources.get(kind) or {}).get("nvidia.com/gpu")
+        if value is not None:
+            try:
+                return int(str(value))
+            except ValueError:
+                return None
+    return None
