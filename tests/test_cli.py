@@ -199,9 +199,10 @@ class Process:
 
     def _read(self) -> None:
         assert self.popen.stderr is not None
-        for line in self.popen.stderr:
-            self.lines.append(line)
-            self._new.put(line)
+        with self.popen.stderr:  # the pipe is this thread's: closed when the process ends it
+            for line in self.popen.stderr:
+                self.lines.append(line)
+                self._new.put(line)
         self._new.put(None)
 
     def wait_for(self, pattern: str, timeout: float = START_TIMEOUT) -> re.Match[str]:
@@ -225,8 +226,12 @@ class Process:
     def terminate(self) -> int:
         self.popen.send_signal(signal.SIGTERM)
         code = self.popen.wait(timeout=EXIT_TIMEOUT)
-        self._reader.join(timeout=5)
+        self.join()
         return code
+
+    def join(self) -> None:
+        """Wait for the reader to reach the end of stderr (and close the pipe)."""
+        self._reader.join(timeout=5)
 
     @property
     def log(self) -> str:
@@ -245,6 +250,7 @@ def running(args: list[str], env: Mapping[str, str] | None = None) -> Iterator[P
         if process.popen.poll() is None:
             process.popen.kill()
             process.popen.wait()
+        process.join()
 
 
 def wait_for_state(client: httpx.Client, model: str, state: str) -> None:

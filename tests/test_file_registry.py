@@ -222,9 +222,9 @@ async def test_rewriting_a_file_with_the_same_models_does_not_notify(
     models_dir: Path, registry: FileRegistry
 ) -> None:
     changes = Changes(registry)
-    # The same model, written differently (a comment, another key order): no change for
-    # subscribers, so nothing that runs it is restarted.
-    text = "# reformatted\n" + manifest("alpha").replace(
+    # The same model (the fixture's), written differently (a comment, another key order): no
+    # change for subscribers, so nothing that runs it is restarted.
+    text = "# reformatted\n" + manifest("alpha", maxModelLen=4096).replace(
         "  modelName: org/alpha\n  servedModelName: alpha\n",
         "  servedModelName: alpha\n  modelName: 'org/alpha'\n",
     )

@@ -5,6 +5,7 @@ framings and connection behaviours a library client used to handle for us."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -50,14 +51,37 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 @asynccontextmanager
 async def raw_upstream(handler: Handler) -> AsyncIterator[str]:
-    """A bare TCP server on loopback, answering with whatever bytes `handler` writes."""
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    """A bare TCP server on loopback, answering with whatever bytes `handler` writes.
+
+    Each connection is closed once its handler returns, and a handler still running when the
+    server stops (one that stalls on purpose) is cancelled: asyncio's server closes neither.
+    """
+    connections: set[asyncio.Task[None]] = set()
+
+    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        connections.add(task)
+        try:
+            await handler(reader, writer)
+        except asyncio.CancelledError:
+            pass  # the server stopping: the end of this connection, not an error to log
+        finally:
+            connections.discard(task)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(connection, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.close()
+        for task in connections:
+            task.cancel()
         with anyio.fail_after(5):
+            await asyncio.gather(*connections)
             await server.wait_closed()
 
 

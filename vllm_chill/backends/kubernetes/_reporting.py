@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import anyio
 from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectSendStream
 from kubernetes import client as k8s_client
 
 from vllm_chill._model import API_GROUP, API_VERSION, KIND, PLURAL
@@ -62,19 +63,23 @@ def object_reference(obj: Obj, *, api_version: str, kind: str) -> Obj:
     return ref
 
 
+_Job = Callable[[], Awaitable[None]]
+
+
 class Reporter:
-    """Queues status writes and Events; `run()` (owned by the caller's task group) sends them."""
+    """Queues status writes and Events; `run()` (owned by the caller's task group) sends them.
+
+    The queue exists only while `run()` does: it is opened when `run()` starts and closed when
+    it stops (however it stops), so a write outside a run is dropped, and a reporter that never
+    ran holds nothing open.
+    """
 
     def __init__(self, api_client: Any, namespace: str, *, instance: str) -> None:
         self._custom = k8s_client.CustomObjectsApi(api_client)
         self._core = k8s_client.CoreV1Api(api_client)
         self._namespace = namespace
         self._instance = instance
-        send, receive = anyio.create_memory_object_stream[Callable[[], Awaitable[None]]](
-            _QUEUE_SIZE
-        )
-        self._send = send
-        self._receive = receive
+        self._send: MemoryObjectSendStream[_Job] | None = None
         self._forbidden: set[str] = set()
         self._pending = 0
         self._idle: anyio.Event | None = None
@@ -91,7 +96,10 @@ class Reporter:
     ) -> None:
         self._enqueue(lambda: self._write_event(involved, reason, message[:_MAX_MESSAGE], type_))
 
-    def _enqueue(self, job: Callable[[], Awaitable[None]]) -> None:
+    def _enqueue(self, job: _Job) -> None:
+        if self._send is None:
+            logger.debug("status/event reporter not running; dropping a write")
+            return
         try:
             self._send.send_nowait(job)
             self._pending += 1
@@ -103,18 +111,30 @@ class Reporter:
     # -- background ------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        with self._send, self._receive:  # closed when the reporter stops: later writes drop
-            async for job in self._receive:
-                try:
-                    await job()
-                except Exception:  # best effort: a failed write must not take the proxy down
-                    logger.exception("writing a status or an Event failed")
-                finally:
-                    self._pending -= 1
-                    if not self._pending and self._idle is not None:
-                        self._idle.set()
-                        self._idle = None
+        send, receive = anyio.create_memory_object_stream[_Job](_QUEUE_SIZE)
+        with send, receive:  # closed when the reporter stops: later writes drop
+            self._send = send
+            try:
+                task_status.started()
+                async for job in receive:
+                    try:
+                        await job()
+                    except Exception:  # best effort: a failed write must not take the proxy down
+                        logger.exception("writing a status or an Event failed")
+                    finally:
+                        self._pending -= 1
+                        if not self._pending:
+                            self._wake_flush()
+            finally:
+                self._send = None
+                # What was still queued is dropped with the queue: nothing is pending any more.
+                self._pending = 0
+                self._wake_flush()
+
+    def _wake_flush(self) -> None:
+        if self._idle is not None:
+            self._idle.set()
+            self._idle = None
 
     async def flush(self, limit: float = 5.0) -> None:
         """Wait (bounded) until everything queued so far was written; for tests and shutdown."""
@@ -185,4 +205,6 @@ class Reporter:
         logger.warning("writing %s failed: %s", what, exc)
 
     async def aclose(self) -> None:
-        await self._send.aclose()
+        """Stop accepting writes; `run()` ends once it has sent what was already queued."""
+        if self._send is not None:
+            await self._send.aclose()
