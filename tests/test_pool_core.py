@@ -38,6 +38,9 @@ def pool(*gpus: str, **kw: float) -> SwitchCore:
         failure_backoff=10.0,
         failure_backoff_max=300.0,
         first_load_estimate=30.0,
+        sleep_reserve=0.02,
+        max_sleeping=0,
+        sleep_memory=0,
     )
     policy.update(kw)
     return SwitchCore(**policy, capacity=GpuPool(gpus or ("0", "1")))  # type: ignore[arg-type]
@@ -270,6 +273,9 @@ def test_exclusive_slots_take_the_smallest_that_fits() -> None:
         failure_backoff=10.0,
         failure_backoff_max=300.0,
         first_load_estimate=30.0,
+        sleep_reserve=0.02,
+        max_sleeping=0,
+        sleep_memory=0,
         capacity=Slots({"big": 4, "small": 1}),
     )
     _, effects = core.arrive("tiny", 0.0, hold=False, demand=Demand(1, 0.2))

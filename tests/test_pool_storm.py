@@ -27,12 +27,13 @@ from vllm_chill.scheduler._core import (
 )
 
 GPUS = ("0", "1", "2")
+RESERVE = 0.02
 DEMANDS = {
-    "a": Demand(1, 0.45),
+    "a": Demand(1, 0.45, can_sleep=True),
     "b": Demand(1, 0.45),
     "c": Demand(1, 0.3),
-    "d": Demand(1, 1.0),
-    "e": Demand(2, 1.0),
+    "d": Demand(1, 1.0, can_sleep=True),
+    "e": Demand(2, 1.0, can_sleep=True),
     "f": Demand(3, 1.0),
 }
 MODELS = sorted(DEMANDS)
@@ -51,6 +52,9 @@ class PoolStorm(RuleBasedStateMachine):
             failure_backoff=3.0,
             failure_backoff_max=10.0,
             first_load_estimate=5.0,
+            sleep_reserve=RESERVE,
+            max_sleeping=2,
+            sleep_memory=0,
             capacity=GpuPool(GPUS),
             max_concurrent_loads=2,
         )
@@ -111,6 +115,16 @@ class PoolStorm(RuleBasedStateMachine):
         if self.core.phase_of(model) is Phase.LOADING:
             self.apply(self.core.load_done(model, self.now, None if ok else "boom"))
 
+    @rule(model=st.sampled_from(MODELS), ok=st.booleans(), memory=st.sampled_from([None, 5]))
+    def sleep_ends(self, model: str, ok: bool, memory: int | None) -> None:
+        if self.core.phase_of(model) is Phase.SLEEPING:
+            self.apply(self.core.sleep_done(model, self.now, memory, None if ok else "boom"))
+
+    @rule(model=st.sampled_from(MODELS), ok=st.booleans())
+    def wake_ends(self, model: str, ok: bool) -> None:
+        if self.core.phase_of(model) is Phase.WAKING:
+            self.apply(self.core.wake_done(model, self.now, None if ok else "boom"))
+
     @rule(model=st.sampled_from(MODELS))
     def unload_ends(self, model: str) -> None:
         if self.core.phase_of(model) is Phase.UNLOADING:
@@ -138,16 +152,29 @@ class PoolStorm(RuleBasedStateMachine):
         now = dict.fromkeys(GPUS, 0.0)
         then = dict.fromkeys(GPUS, 0.0)
         leaving = {v for p in self.core.pending.values() for v in p.victims}
+        stopping = {v for p in self.core.pending.values() for v in p.stop}
         for resident in self.core.residents.values():
             demand = DEMANDS[resident.model]
             units = resident.placement.units
             assert len(units) == len(set(units)) == demand.gpus
             assert resident.placement.fraction == demand.fraction
+            asleep = resident.phase is Phase.ASLEEP
+            if asleep or resident.phase is Phase.SLEEPING:
+                assert demand.can_sleep
+            share = RESERVE if asleep else resident.placement.fraction
+            # A model leaving to sleep keeps its reserve; a woken one will hold all its share.
+            waking = resident.model in self.core.pending
+            later = resident.placement.fraction if waking else share
+            if resident.model in leaving:
+                sleeps = demand.can_sleep and resident.model not in stopping
+                goes_to_sleep = resident.phase in (Phase.DRAINING, Phase.SLEEPING, Phase.ASLEEP)
+                later = RESERVE if sleeps and goes_to_sleep else 0
             for unit in units:
-                now[unit] += resident.placement.fraction
-                if resident.model not in leaving:
-                    then[unit] += resident.placement.fraction
-        for pending in self.core.pending.values():
+                now[unit] += share
+                then[unit] += later
+        for model, pending in self.core.pending.items():
+            if model in self.core.residents:
+                continue  # a sleeper that wakes: counted above, with all its share
             for unit in pending.placement.units:
                 then[unit] += pending.placement.fraction
         for use in (now, then):
@@ -168,9 +195,10 @@ class PoolStorm(RuleBasedStateMachine):
         core = self.core
         assert core.inflight == self.admitted
         assert core.waiting_total == len(self.held) == sum(len(w) for w in core.waiters.values())
+        giving_way = (Phase.DRAINING, Phase.SLEEPING, Phase.ASLEEP, Phase.UNLOADING, Phase.IDLE)
         for pending in core.pending.values():
             for victim in pending.victims:
-                assert core.phase_of(victim) is Phase.DRAINING
+                assert core.phase_of(victim) in giving_way
 
     # --- after the storm --------------------------------------------------------------------
 
@@ -181,6 +209,8 @@ class PoolStorm(RuleBasedStateMachine):
         for _ in range(40):
             for model in MODELS:
                 self.load_ends(model, ok=True)
+                self.wake_ends(model, ok=True)
+                self.sleep_ends(model, ok=True, memory=None)
                 self.unload_ends(model)
             self.advance(31.0)
             if not self.core.queue and not self.core.pending:
@@ -189,6 +219,8 @@ class PoolStorm(RuleBasedStateMachine):
         assert not core.pending, core.pending
         assert set(core.queue) <= set(core.failures), core.queue
         assert all(r.phase is not Phase.DRAINING for r in core.residents.values())
+        asleep = [r for r in core.residents.values() if r.phase is Phase.ASLEEP]
+        assert len(asleep) <= core.max_sleeping
 
 
 PoolStorm.TestCase.settings = settings(

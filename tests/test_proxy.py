@@ -392,8 +392,8 @@ async def test_metrics_count_requests_and_switches() -> None:
         text = (await s.http.get(s.url + "/metrics")).text
         assert 'vllm_chill_requests_total{model="alpha",status="200"} 1.0' in text
         assert (
-            'vllm_chill_model_switches_total{from_model="alpha",result="success",to_model="beta"}'
-            in text
+            'vllm_chill_model_switches_total{from_model="alpha",kind="cold",result="success",'
+            'to_model="beta"}' in text
         )
         assert 'vllm_chill_active_model{model="beta"} 1.0' in text
 

@@ -48,6 +48,7 @@ PUBLIC: dict[str, set[str]] = {
         "LostCallback",
         "ProgressCallback",
         "SimBackend",
+        "SleepingBackend",
     },
     "vllm_chill.backends.kubernetes": {
         "ApiError",
@@ -81,6 +82,7 @@ PUBLIC: dict[str, set[str]] = {
         "Settings",
         "SettingsError",
         "SimSettings",
+        "SleepSettings",
         "SwitchingSettings",
         "UpstreamSettings",
         "add_serve_arguments",

@@ -39,6 +39,9 @@ def make(**kw: float) -> SwitchCore:
         failure_backoff=10.0,
         failure_backoff_max=300.0,
         first_load_estimate=FIRST_LOAD_ESTIMATE,
+        sleep_reserve=0.02,
+        max_sleeping=0,
+        sleep_memory=0,
     )
     defaults.update(kw)
     return SwitchCore(**defaults)  # type: ignore[arg-type]

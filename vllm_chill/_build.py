@@ -40,6 +40,7 @@ def build_parts(settings: Settings, *, api_client: Any = None) -> tuple[ModelReg
             tokens_per_second=settings.sim.tokens_per_second,
             api_key=settings.upstream.api_key,
             gpus=settings.local.gpus or (),  # simulated GPUs: only the ones given
+            wake_time=settings.sim.wake_time,
         )
         return _file_registry(settings), sim
     if settings.backend == "local":

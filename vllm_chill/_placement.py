@@ -27,6 +27,8 @@ class Demand:
 
     gpus: int = 1
     fraction: float = 1.0
+    #: It can sleep (vLLM's sleep mode) instead of stopping when it gives way.
+    can_sleep: bool = False
 
     def __post_init__(self) -> None:
         if self.gpus < 1:
@@ -64,6 +66,15 @@ class Capacity(Protocol):
         """Whether at most one model can ever be resident (the switch of one slot)."""
         ...
 
+    def while_asleep(self, placement: Placement, reserve: float) -> Placement | None:
+        """What a model placed at `placement` still holds while it sleeps: `reserve` of each
+        of its GPUs (its CUDA context), or nothing where nothing is accounted."""
+        ...
+
+    def within(self, placement: Placement) -> Capacity:
+        """The capacity of `placement`'s units alone: where a sleeping model wakes."""
+        ...
+
 
 def fits_ever(capacity: Capacity, demand: Demand) -> bool:
     """Whether `demand` fits the capacity when nothing else runs."""
@@ -86,6 +97,12 @@ class SingleSlot:
 
     def place(self, demand: Demand, used: Iterable[Placement]) -> Placement | None:
         return None if any(True for _ in used) else Placement((self.name,))
+
+    def while_asleep(self, placement: Placement, reserve: float) -> Placement | None:
+        return None  # no accounting: a sleeping model lets the next one load
+
+    def within(self, placement: Placement) -> Capacity:
+        return self
 
     def describe_free(self, used: Iterable[Placement]) -> dict[str, float]:
         return {self.name: 0.0 if any(True for _ in used) else 1.0}
@@ -118,6 +135,12 @@ class GpuPool:
     def describe_free(self, used: Iterable[Placement]) -> dict[str, float]:
         return {gpu: round(max(share, 0.0), 6) for gpu, share in self.free(used).items()}
 
+    def while_asleep(self, placement: Placement, reserve: float) -> Placement | None:
+        return Placement(placement.units, reserve) if reserve > 0 else None
+
+    def within(self, placement: Placement) -> Capacity:
+        return GpuPool(placement.units)
+
     def place(self, demand: Demand, used: Iterable[Placement]) -> Placement | None:
         """Best fit that keeps whole GPUs whole: among the GPUs with room, the fullest first,
         so that a later model needing whole GPUs (tensor parallel) still finds them."""
@@ -148,6 +171,12 @@ class Slots:
     def describe_free(self, used: Iterable[Placement]) -> dict[str, float]:
         taken = {unit for placement in used for unit in placement.units}
         return {name: 0.0 if name in taken else 1.0 for name in self.sizes}
+
+    def while_asleep(self, placement: Placement, reserve: float) -> Placement | None:
+        return placement  # a Deployment runs one model, asleep or not
+
+    def within(self, placement: Placement) -> Capacity:
+        return Slots({u: self.sizes.get(u) for u in placement.units})
 
     def place(self, demand: Demand, used: Iterable[Placement]) -> Placement | None:
         """The smallest free slot that has enough GPUs, in the operator's order on a tie."""

@@ -247,7 +247,12 @@ class ModelSwitchMiddleware:
         self.settings = settings = settings or Settings()
         self.metrics = metrics or Metrics()
         self.switcher = Switcher(
-            backend, registry, settings.switching, settings.limits, self.metrics
+            backend,
+            registry,
+            settings.switching,
+            settings.limits,
+            self.metrics,
+            sleep=settings.sleep,
         )
         # Hot-path values, read once.
         self._max_wait = settings.switching.max_wait

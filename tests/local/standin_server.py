@@ -47,6 +47,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--standin-crash-after-ready", type=float)
     parser.add_argument("--standin-ignore-sigterm", action="store_true")
     parser.add_argument("--standin-spawn-child", action="store_true")
+    parser.add_argument("--standin-wake-time", type=float, default=0.3)
+    parser.add_argument("--enable-sleep-mode", action="store_true")
     args, _unknown = parser.parse_known_args(argv)
     return args
 
@@ -67,6 +69,14 @@ def main() -> None:
         "grandchild_pid": None,
         #: What the backend placed it on (None: the variable was not set for it).
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        #: vLLM's sleep routes exist only in its development mode.
+        "dev_mode": os.environ.get("VLLM_SERVER_DEV_MODE") == "1",
+        "sleep_mode": args.enable_sleep_mode,
+        "wake_time": args.standin_wake_time,
+        #: Each /sleep call as (level, mode, requests in flight when it came).
+        "sleep_calls": [],
+        "sleeping": False,
+        "in_flight": 0,
     }
 
     if args.standin_ignore_sigterm:
@@ -151,7 +161,37 @@ def make_handler(
             self.send_json(401, {"error": {"message": "Unauthorized", "code": 401}})
             return False
 
+        def dev_route(self) -> bool:
+            """vLLM's /sleep, /wake_up and /is_sleeping: 404 outside its development mode."""
+            path, _, query = self.path.partition("?")
+            if path not in ("/sleep", "/wake_up", "/is_sleeping"):
+                return False
+            if not info["dev_mode"]:
+                self.send_json(404, {"detail": "Not Found"})
+                return True
+            if path == "/is_sleeping":
+                self.send_json(200, {"is_sleeping": info["sleeping"]})
+                return True
+            if not info["sleep_mode"]:
+                self.send_json(400, {"error": {"message": "Sleep mode is not enabled."}})
+                return True
+            params = dict(part.partition("=")[::2] for part in query.split("&") if part)
+            if path == "/sleep":
+                level, mode = int(params.get("level", "1")), params.get("mode", "abort")
+                info["sleep_calls"].append([level, mode, info["in_flight"]])
+                info["sleeping"] = True
+            else:
+                if info["sleeping"]:
+                    time.sleep(info["wake_time"])
+                info["sleeping"] = False
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return True
+
         def do_GET(self) -> None:
+            if self.dev_route():
+                return
             if self.path == "/health":
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
@@ -167,6 +207,15 @@ def make_handler(
                 self.send_json(404, {"error": {"message": f"no route {self.path}"}})
 
         def do_POST(self) -> None:
+            if self.dev_route():
+                return
+            info["in_flight"] += 1  # answers being generated, for the sleep calls' record
+            try:
+                self.post()
+            finally:
+                info["in_flight"] -= 1
+
+        def post(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length) or b"{}")
             if self.path != "/v1/chat/completions":

@@ -17,6 +17,7 @@ from vllm_chill.backends._base import (
     LoadError,
     LostCallback,
     ProgressCallback,
+    SleepingBackend,
 )
 
 if TYPE_CHECKING:
@@ -42,4 +43,5 @@ __all__ = [
     "LostCallback",
     "ProgressCallback",
     "SimBackend",
+    "SleepingBackend",
 ]

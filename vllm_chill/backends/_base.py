@@ -100,3 +100,20 @@ class Backend(Protocol):
     async def check(self) -> bool:
         """Whether the backend's control plane is reachable (for `/readyz`)."""
         ...
+
+
+@runtime_checkable
+class SleepingBackend(Backend, Protocol):
+    """A backend that can put a model to sleep (vLLM's sleep mode) and wake it: the process is
+    kept, its GPU memory freed, and the next switch to it takes seconds instead of a load."""
+
+    async def sleep(self, model: str, level: int) -> int | None:
+        """Put the drained `model` to sleep (`/sleep?level=..&mode=wait`) and return once it
+        is asleep, with the host memory its process then holds (bytes), when known. Raises on
+        failure (the scheduler then stops it for real)."""
+        ...
+
+    async def wake(self, model: str, progress: ProgressCallback) -> LoadedModel:
+        """Wake the sleeping `model` and return once it answers again. Raises on failure (the
+        scheduler then stops it and loads it cold)."""
+        ...

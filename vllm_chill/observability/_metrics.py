@@ -65,8 +65,9 @@ class Metrics:
         )
         self.switches = Counter(
             "vllm_chill_model_switches",
-            "Model loads, by previous model, new model and result.",
-            ["from_model", "to_model", "result"],
+            "Model loads (kind cold) and wakes from sleep (kind wake), by previous model, new "
+            "model and result.",
+            ["from_model", "to_model", "result", "kind"],
             registry=r,
         )
         self.switch_duration = Histogram(

@@ -50,6 +50,9 @@ MAX_PROMISE_HOLD = 60.0
 MAX_PROMISES = 10_000
 #: Evictions remembered for `/proxy/status`.
 EVICTIONS_KEPT = 20
+#: Retry-After for the first wake of a sleeping model, before one was measured (vLLM's own
+#: figures: 0.1-0.8 s for small models, 3-6 s for 30B-235B).
+FIRST_WAKE_ESTIMATE = 5.0
 
 
 class Phase(StrEnum):
@@ -60,6 +63,9 @@ class Phase(StrEnum):
     READY = "ready"  # serves
     DRAINING = "draining"  # finishes its in-flight requests before it gives way or unloads
     UNLOADING = "unloading"  # the backend is unloading it
+    SLEEPING = "sleeping"  # going to sleep (vLLM's sleep mode): its weights move to host RAM
+    ASLEEP = "asleep"  # its process is kept; it holds only a reserve of its GPUs
+    WAKING = "waking"  # its weights come back to its GPUs
 
 
 #: For the per-request paths: an enum member looked up on its class costs ~0.3 µs a time.
@@ -71,6 +77,7 @@ class ModelState(StrEnum):
 
     LOADED = "loaded"
     LOADING = "loading"
+    SLEEPING = "sleeping"
     UNLOADED = "unloaded"
     FAILED = "failed"
 
@@ -140,6 +147,21 @@ class StartUnload:
 
 
 @dataclass(frozen=True)
+class StartSleep:
+    """Put `model` to sleep (it drained): its process stays, its GPU memory is freed."""
+
+    model: str
+
+
+@dataclass(frozen=True)
+class StartWake:
+    """Wake the sleeping `model` on the GPUs it is bound to."""
+
+    model: str
+    placement: Placement
+
+
+@dataclass(frozen=True)
 class Release:
     """These waiters now hold an in-flight slot on `model`."""
 
@@ -172,7 +194,7 @@ class PhaseChanged:
     target: str | None = None
 
 
-Effect = StartLoad | StartUnload | Release | Reject | Cut | PhaseChanged
+Effect = StartLoad | StartUnload | StartSleep | StartWake | Release | Reject | Cut | PhaseChanged
 
 
 @dataclass
@@ -201,6 +223,9 @@ class Resident:
     placement: Placement
     phase: Phase
     since: float
+    demand: Demand = field(default_factory=Demand)
+    #: Host memory its sleeping process holds (bytes), when the backend measured it.
+    memory: int | None = None
     #: When it became ready, the end of its serving window, when a request for it last
     #: arrived or ended, and from which client.
     ready_at: float = 0.0
@@ -224,6 +249,11 @@ class Pending:
 
     placement: Placement
     victims: tuple[str, ...]
+    #: It wakes (it is asleep there) rather than loads.
+    wake: bool = False
+    demand: Demand = field(default_factory=Demand)
+    #: Victims that could sleep but must stop: the reserve they would keep is needed.
+    stop: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -235,6 +265,7 @@ class SwitchRecord:
     started_at: float
     finished_at: float | None = None
     result: str | None = None  # "success" / "failure"
+    kind: str = "cold"  # "cold" (a load) or "wake" (a sleeping model woken)
 
 
 @dataclass
@@ -256,6 +287,12 @@ class SwitchCore:
     failure_backoff_max: float
     #: Retry-After for the first load of a model whose load time is not known yet.
     first_load_estimate: float
+    #: Share of each of its GPUs a sleeping model still holds (its CUDA context).
+    sleep_reserve: float
+    #: Most models asleep at once (0: no limit), and the host memory they may hold together
+    #: (bytes; 0: no limit): over either, the least recently used sleeper is stopped for real.
+    max_sleeping: int
+    sleep_memory: int
     #: Where models can run; one slot unless told otherwise.
     capacity: Capacity = field(default_factory=SingleSlot)
     #: Most models resident at once (0: as many as the capacity holds).
@@ -276,6 +313,7 @@ class SwitchCore:
     #: promise lapses). A client that asks again replaces its own promise.
     promises: dict[str, OrderedDict[object, tuple[float, float]]] = field(default_factory=dict)
     durations: dict[str, deque[float]] = field(default_factory=dict)
+    wake_durations: dict[str, deque[float]] = field(default_factory=dict)
     unload_durations: deque[float] = field(default_factory=lambda: deque(maxlen=DURATION_SAMPLES))
     last_switch: SwitchRecord | None = None
     evictions: deque[Eviction] = field(default_factory=lambda: deque(maxlen=EVICTIONS_KEPT))
@@ -328,8 +366,10 @@ class SwitchCore:
         if resident is not None:
             if resident.phase in (Phase.READY, Phase.DRAINING):
                 return ModelState.LOADED
-            if resident.phase == Phase.LOADING:
+            if resident.phase in (Phase.LOADING, Phase.WAKING):
                 return ModelState.LOADING
+            if resident.phase in (Phase.SLEEPING, Phase.ASLEEP):
+                return ModelState.SLEEPING
         failure = self.failures.get(model)
         if failure is not None and now < failure.until:
             return ModelState.FAILED
@@ -349,7 +389,11 @@ class SwitchCore:
 
     def estimate(self, model: str) -> float:
         """Expected load time: the longest of the recent loads, the first-load estimate when
-        none is known."""
+        none is known; for a sleeping model, the same of its wakes."""
+        resident = self.residents.get(model)
+        if resident is not None and resident.phase in (Phase.ASLEEP, Phase.WAKING):
+            wakes = self.wake_durations.get(model)
+            return max(wakes) if wakes else FIRST_WAKE_ESTIMATE
         samples = self.durations.get(model)
         return max(samples) if samples else self.first_load_estimate
 
@@ -373,7 +417,7 @@ class SwitchCore:
         if resident is not None:
             if resident.phase is _READY:
                 return 1
-            if resident.phase is Phase.LOADING:
+            if resident.phase in (Phase.LOADING, Phase.WAKING):
                 return _whole_seconds(self.load_remaining(model, now))
         if self.capacity.single:
             return self._retry_after_one_slot(model, now, client)
@@ -414,7 +458,7 @@ class SwitchCore:
         left = sum(
             self.load_remaining(r.model, now)
             for r in self.residents.values()
-            if r.phase is Phase.LOADING
+            if r.phase in (Phase.LOADING, Phase.WAKING)
         ) / max(self.max_concurrent_loads, 1)
         pending = self.pending.get(model)
         if pending is not None:
@@ -424,6 +468,9 @@ class SwitchCore:
                 break
             left += self.estimate(ahead) / max(self.max_concurrent_loads, 1)
         demand = self.queue.get(model, Demand())
+        asleep = self.residents.get(model)
+        if asleep is not None and asleep.phase is Phase.ASLEEP:
+            return _whole_seconds(left + self.estimate(model))  # it wakes where it sleeps
         if self.capacity.place(demand, self._used()) is None:
             victims = self._plan(model, demand, now)
             if victims is not None:
@@ -586,6 +633,59 @@ class SwitchCore:
         self._pump(now, effects)
         return effects
 
+    def sleep_done(
+        self, model: str, now: float, memory: int | None = None, error: str | None = None
+    ) -> list[Effect]:
+        """The backend put `model` to sleep, its process holding `memory` bytes of host RAM
+        (when measured), or failed to (`error`): then it is stopped for real."""
+        resident = self.residents.get(model)
+        if resident is None or resident.phase is not Phase.SLEEPING:
+            return []
+        effects: list[Effect] = []
+        if error is None:
+            resident.memory = memory
+            self._set_phase(resident, Phase.ASLEEP, now, effects)
+            self._keep_sleep_budget(now, effects)
+        else:
+            resident.unload_reason = "sleep failed"
+            self._set_phase(resident, Phase.UNLOADING, now, effects)
+            effects.append(StartUnload(model, "sleep failed"))
+        self._pump(now, effects)
+        return effects
+
+    def wake_done(self, model: str, now: float, error: str | None = None) -> list[Effect]:
+        """The backend woke `model` (error None). A wake that failed stops the process, and the
+        model then loads cold, its waiters still waiting."""
+        resident = self.residents.get(model)
+        if resident is None or resident.phase is not Phase.WAKING:
+            return []
+        effects: list[Effect] = []
+        duration = now - resident.since
+        if self.last_switch is not None and self.last_switch.to_model == model:
+            self.last_switch.finished_at = now
+            self.last_switch.result = "failure" if error else "success"
+        resident.last_activity = now
+        if error is None:
+            self.wake_durations.setdefault(model, deque(maxlen=DURATION_SAMPLES)).append(duration)
+            self._set_phase(resident, Phase.READY, now, effects)
+            # Rule 4 with the wake's cost: a cheap switch buys a short window.
+            self._begin_serving(
+                resident, now, max(self.min_residency, SERVE_WINDOW_FACTOR * duration)
+            )
+            waiters = tuple(self.waiters.pop(model, {}))
+            self.waiting_total -= len(waiters)
+            if waiters:
+                self.inflight[model] = self.inflight.get(model, 0) + len(waiters)
+                effects.append(Release(model, waiters))
+        else:
+            resident.unload_reason = "wake failed"
+            self._set_phase(resident, Phase.UNLOADING, now, effects)
+            effects.append(StartUnload(model, "wake failed"))
+            self.queue[model] = resident.demand  # loads cold once the process is gone
+            self.queue.move_to_end(model, last=False)
+        self._pump(now, effects)
+        return effects
+
     def unload_done(self, model: str, now: float) -> list[Effect]:
         resident = self.residents.get(model)
         if resident is None or resident.phase != Phase.UNLOADING:
@@ -601,7 +701,8 @@ class SwitchCore:
         """A resident model went away on its own (process died, pod deleted, another replica
         switched). Its in-flight requests fail on their own; the next request reloads."""
         resident = self.residents.get(model)
-        if resident is None or resident.phase not in (Phase.READY, Phase.DRAINING):
+        alive = (Phase.READY, Phase.DRAINING, Phase.SLEEPING, Phase.ASLEEP)
+        if resident is None or resident.phase not in alive:
             return []
         effects: list[Effect] = []
         del self.residents[model]
@@ -654,15 +755,20 @@ class SwitchCore:
         for model, pending in list(self.pending.items()):
             # Its place was being made: it goes back to the head of the queue.
             del self.pending[model]
-            self.queue[model] = Demand()
+            self.queue[model] = pending.demand
             self.queue.move_to_end(model, last=False)
             for victim in pending.victims:
-                resident = self.residents[victim]
-                resident.making_room_for = None
-                resident.unload_reason = "requested"
+                resident = self.residents.get(victim)
+                if resident is not None and resident.phase is Phase.DRAINING:
+                    resident.making_room_for = None
+                    resident.unload_reason = "requested"
         for resident in self.residents.values():
             if resident.phase is _READY:
                 self._begin_drain(resident, None, now, effects, reason="requested")
+            elif resident.phase is Phase.ASLEEP:  # its host memory is freed too
+                resident.unload_reason = "requested"
+                self._set_phase(resident, Phase.UNLOADING, now, effects)
+                effects.append(StartUnload(resident.model, "requested"))
         self._pump(now, effects, place=False)
         return effects
 
@@ -674,12 +780,20 @@ class SwitchCore:
 
     # --- the policy -----------------------------------------------------------------------
 
-    def _used(self) -> list[Placement]:
-        return [r.placement for r in self.residents.values()]
+    def _held(self, resident: Resident) -> Placement | None:
+        """What a resident holds of the capacity: all of its place, or while it sleeps only
+        the reserve for its CUDA context."""
+        if resident.phase is Phase.ASLEEP:
+            return self.capacity.while_asleep(resident.placement, self.sleep_reserve)
+        return resident.placement
+
+    def _used(self, *, but: str | None = None) -> list[Placement]:
+        held = (self._held(r) for r in self.residents.values() if r.model != but)
+        return [p for p in held if p is not None]
 
     def _want(self, model: str, demand: Demand) -> None:
         resident = self.residents.get(model)
-        if resident is not None and resident.phase is Phase.LOADING:
+        if resident is not None and resident.phase in (Phase.LOADING, Phase.WAKING):
             return
         if model not in self.queue and model not in self.pending:
             self.queue[model] = demand
@@ -769,12 +883,31 @@ class SwitchCore:
             until = min(resident.serve_until, resident.last_used + self.quiet_gap)
         return max(until, self._promised_until(resident, now))
 
-    def _candidates(self, claimed: set[str]) -> list[Resident]:
-        """Ready models that could give way, the cheapest first: idle before busy, then least
-        recently used."""
-        ready = [r for r in self.residents.values() if r.phase is _READY and r.model not in claimed]
-        ready.sort(key=lambda r: (bool(self.inflight.get(r.model)), r.last_used))
+    def _candidates(self, claimed: set[str], but: str | None = None) -> list[Resident]:
+        """Models that could give way, the cheapest first: idle before busy, then least
+        recently used; sleeping ones last (they hold little, and stopping them loses a cheap
+        wake)."""
+        ready = [
+            r
+            for r in self.residents.values()
+            if r.phase in (_READY, Phase.ASLEEP) and r.model not in claimed and r.model != but
+        ]
+        ready.sort(
+            key=lambda r: (r.phase is Phase.ASLEEP, bool(self.inflight.get(r.model)), r.last_used)
+        )
         return ready
+
+    def _frees(
+        self, resident: Resident, *, sleep: bool = True
+    ) -> tuple[Placement | None, Placement | None]:
+        """What giving way frees of a resident's place, and what it keeps: a model that goes
+        to sleep keeps the reserve; a sleeping one that is stopped frees its reserve."""
+        held = self._held(resident)
+        if sleep and resident.phase is _READY and resident.demand.can_sleep:
+            kept = self.capacity.while_asleep(resident.placement, self.sleep_reserve)
+            if kept is not None and held is not None and held.fraction > kept.fraction:
+                return Placement(held.units, held.fraction - kept.fraction), kept
+        return held, None
 
     def _plan(
         self,
@@ -783,24 +916,44 @@ class SwitchCore:
         now: float,
         reserved: list[Placement] | None = None,
         claimed: set[str] | None = None,
+        *,
+        sleep: bool = True,
     ) -> tuple[Placement, tuple[str, ...]] | None:
         """Where `model` goes and which ready models give way for it; None when even all of
-        them together do not make room (loads, drains or reservations hold the rest)."""
+        them together do not make room (loads, drains or reservations hold the rest). With
+        `sleep`, models that can sleep are counted as keeping their reserve."""
         claimed = claimed or set()
-        candidates = self._candidates(claimed)
+        waking = self.residents.get(model)
+        capacity = self.capacity
+        if waking is not None and waking.phase is Phase.ASLEEP:
+            capacity = self.capacity.within(waking.placement)  # it wakes where it sleeps
+        candidates = self._candidates(claimed, but=model)
         names = {r.model for r in candidates}
-        kept = [r.placement for r in self.residents.values() if r.model not in names]
+        kept = [
+            p
+            for r in self.residents.values()
+            if r.model not in names and r.model != model
+            for p in [self._held(r)]
+            if p is not None
+        ]
         kept += reserved or []
-        plan = plan_eviction(
-            self.capacity, demand, kept, [(r.model, r.placement) for r in candidates]
-        )
+        freeable: list[tuple[str, Placement]] = []
+        for candidate in candidates:
+            frees, keeps = self._frees(candidate, sleep=sleep)
+            if keeps is not None:
+                kept.append(keeps)
+            if frees is not None:
+                freeable.append((candidate.model, frees))
+            else:
+                freeable.append((candidate.model, Placement(())))
+        plan = plan_eviction(capacity, demand, kept, freeable)
         if plan is None:
             return None
         placement, victims = plan
         if self.max_loaded:
-            # The cap counts models: make room in numbers too, with the next cheapest.
-            resident = len(self.residents) - len(claimed) + len(self.pending) + 1
-            extra = [r.model for r in candidates if r.model not in victims]
+            # The cap counts models on GPUs: make room in numbers too, with the next cheapest.
+            resident = self._on_gpus() - len(claimed) + len(self.pending) + 1
+            extra = [r.model for r in candidates if r.model not in victims and r.phase is _READY]
             while resident - len(victims) > self.max_loaded and extra:
                 victims = (*victims, extra.pop(0))
             if resident - len(victims) > self.max_loaded:
@@ -810,7 +963,8 @@ class SwitchCore:
     def _pump(self, now: float, effects: list[Effect], *, place: bool = True) -> None:
         """Advance as far as the state allows; called after every event."""
         self._drop_failed_from_queue(now, effects)
-        for model in [m for m in self.queue if self.phase_of(m) in (_READY, Phase.LOADING)]:
+        on_its_way = (_READY, Phase.LOADING, Phase.WAKING)
+        for model in [m for m in self.queue if self.phase_of(m) in on_its_way]:
             del self.queue[model]  # already there (or on its way)
         claimed = self._place_queue(now, effects) if place else set()
         self._idle_unloads(now, effects, claimed)
@@ -827,24 +981,45 @@ class SwitchCore:
         self.blocked_until.clear()
         reserved = [p.placement for p in self.pending.values()]
         claimed = {victim for p in self.pending.values() for victim in p.victims}
-        loading = [r.placement for r in self.residents.values() if r.phase is Phase.LOADING]
+        loading = [
+            r.placement for r in self.residents.values() if r.phase in (Phase.LOADING, Phase.WAKING)
+        ]
         loads = len(loading) + len(self.pending)
         for model, demand in list(self.queue.items()):
-            if model in self.residents:
+            sleeper = self.residents.get(model)
+            if sleeper is not None and sleeper.phase is not Phase.ASLEEP:
                 continue  # still draining or unloading from before: it loads once gone
             if loads >= self.max_concurrent_loads:
                 break
-            count = len(self.residents) - len(claimed) + len(self.pending)
+            count = self._on_gpus() - len(claimed) + len(self.pending)
             if not self.max_loaded or count < self.max_loaded:
-                placement = self.capacity.place(demand, [*self._used(), *reserved])
+                if sleeper is not None:  # it wakes where it sleeps, if its place is free
+                    capacity = self.capacity.within(sleeper.placement)
+                    need = Demand(len(sleeper.placement.units), sleeper.placement.fraction)
+                    used = [*self._used(but=model), *reserved]
+                    placement = sleeper.placement if capacity.place(need, used) else None
+                else:
+                    placement = self.capacity.place(demand, [*self._used(), *reserved])
                 if placement is not None and not any(overlaps(placement, p) for p in loading):
                     del self.queue[model]
                     self.forced.pop(model, None)
-                    self._start_load(model, placement, (), now, effects)
+                    if sleeper is not None:
+                        self._start_wake(sleeper, now, effects)
+                    else:
+                        self._start_load(model, placement, (), now, effects, demand=demand)
                     loading.append(placement)
                     loads += 1
                     continue
-            plan = self._plan(model, demand, now, reserved, claimed)
+            need = demand
+            if sleeper is not None:
+                need = Demand(len(sleeper.placement.units), sleeper.placement.fraction)
+            plan = self._plan(model, need, now, reserved, claimed)
+            stop: frozenset[str] = frozenset()
+            if plan is None:
+                # The reserves sleeping models keep may be what is missing: stop them instead.
+                plan = self._plan(model, need, now, reserved, claimed, sleep=False)
+                if plan is not None:
+                    stop = frozenset(plan[1])
             if plan is None:
                 break  # nothing can make room yet: loads and drains must end first
             placement, victims = plan
@@ -855,7 +1030,10 @@ class SwitchCore:
             residents = [self.residents[v] for v in victims]
             forced = all(r.model in overridden for r in residents)
             give_way = max(
-                now if r.model in overridden else self._hold_until(r, now) for r in residents
+                now
+                if r.model in overridden or r.phase is Phase.ASLEEP
+                else self._hold_until(r, now)
+                for r in residents
             )
             claimed.update(victims)
             if now < give_way:
@@ -870,12 +1048,26 @@ class SwitchCore:
                 self.evictions.append(
                     Eviction(resident.model, model, now, self._why(resident, now, forced))
                 )
-                self._begin_drain(resident, model, now, effects, reason="switch")
-            self.pending[model] = Pending(placement, victims)
+                if resident.phase is Phase.ASLEEP:  # stopped for real: its reserve is needed
+                    resident.unload_reason = "switch"
+                    resident.making_room_for = model
+                    self._set_phase(resident, Phase.UNLOADING, now, effects)
+                    effects.append(StartUnload(resident.model, "switch"))
+                else:
+                    self._begin_drain(resident, model, now, effects, reason="switch")
+            self.pending[model] = Pending(
+                placement, victims, wake=sleeper is not None, demand=demand, stop=stop
+            )
             loads += 1
         return claimed
 
+    def _on_gpus(self) -> int:
+        """Models counted against `max_loaded`: all but the sleeping ones."""
+        return sum(r.phase is not Phase.ASLEEP for r in self.residents.values())
+
     def _why(self, resident: Resident, now: float, forced: bool) -> str:
+        if resident.phase is Phase.ASLEEP:
+            return "asleep, least recently used"
         if forced:
             return "operator switch"
         if self.inflight.get(resident.model):
@@ -907,21 +1099,56 @@ class SwitchCore:
                     resident.cut_sent = True
                     effects.append(Cut(resident.model))
                 continue
-            if resident.making_room_for is None:
+            target = resident.making_room_for
+            pending = self.pending.get(target) if target is not None else None
+            sleeps = (
+                resident.demand.can_sleep
+                and resident.unload_reason in ("idle", "switch")
+                and (pending is None or resident.model not in pending.stop)
+            )
+            if sleeps:
+                # Kept for a wake in seconds instead of a load in minutes.
+                self._set_phase(resident, Phase.SLEEPING, now, effects)
+                effects.append(StartSleep(resident.model))
+            elif pending is None or pending.wake:
+                # A wake starts no process that could replace it: it is stopped first.
                 self._set_phase(resident, Phase.UNLOADING, now, effects)
                 effects.append(StartUnload(resident.model, resident.unload_reason))
-        loading = [r.placement for r in self.residents.values() if r.phase is Phase.LOADING]
+        loading = [
+            r.placement for r in self.residents.values() if r.phase in (Phase.LOADING, Phase.WAKING)
+        ]
         for model, pending in list(self.pending.items()):
-            if any(self.inflight.get(victim) for victim in pending.victims):
+            if not all(self._made_room(victim) for victim in pending.victims):
                 continue
             if any(overlaps(pending.placement, p) for p in loading):
                 continue  # loads never share a GPU: it starts when that one is done
-            for victim in pending.victims:
+            replaced = tuple(v for v in pending.victims if self.phase_of(v) is Phase.DRAINING)
+            for victim in replaced:
                 del self.residents[victim]
+            for victim in pending.victims:
+                if victim in self.residents:
+                    self.residents[victim].making_room_for = None
             del self.pending[model]
             # Requests for the old models that arrived while draining stay queued behind.
-            self._start_load(model, pending.placement, pending.victims, now, effects)
+            sleeper = self.residents.get(model)
+            if pending.wake and sleeper is not None and sleeper.phase is Phase.ASLEEP:
+                self._start_wake(sleeper, now, effects)
+            else:
+                self._start_load(
+                    model, pending.placement, replaced, now, effects, demand=pending.demand
+                )
             loading.append(pending.placement)
+
+    def _made_room(self, victim: str) -> bool:
+        """Whether a model chosen to give way is out of the way: gone, asleep, or drained and
+        about to be replaced by the load."""
+        resident = self.residents.get(victim)
+        if resident is None or resident.phase is Phase.ASLEEP:
+            return True
+        if resident.phase is not Phase.DRAINING or self.inflight.get(victim):
+            return False
+        target = self.pending.get(resident.making_room_for or "")
+        return not resident.demand.can_sleep or (target is not None and victim in target.stop)
 
     def _begin_drain(
         self,
@@ -946,12 +1173,38 @@ class SwitchCore:
         replacing: tuple[str, ...],
         now: float,
         effects: list[Effect],
+        *,
+        demand: Demand,
     ) -> None:
-        resident = self.residents[model] = Resident(model, placement, Phase.LOADING, now)
+        resident = Resident(model, placement, Phase.LOADING, now, demand=demand)
+        self.residents[model] = resident
         previous = replacing[0] if replacing else None
         self.last_switch = SwitchRecord(previous, model, now)
         self._set_phase(resident, Phase.LOADING, now, effects)
         effects.append(StartLoad(model, placement, replacing))
+
+    def _start_wake(self, resident: Resident, now: float, effects: list[Effect]) -> None:
+        self.last_switch = SwitchRecord(None, resident.model, now, kind="wake")
+        resident.making_room_for = None
+        self._set_phase(resident, Phase.WAKING, now, effects)
+        effects.append(StartWake(resident.model, resident.placement))
+
+    def _keep_sleep_budget(self, now: float, effects: list[Effect]) -> None:
+        """Over `max_sleeping` or `sleep_memory`, the least recently used sleepers stop."""
+        asleep = sorted(
+            (r for r in self.residents.values() if r.phase is Phase.ASLEEP),
+            key=lambda r: r.last_used,
+        )
+        memory = sum(r.memory or 0 for r in asleep)
+        while asleep and (
+            (self.max_sleeping and len(asleep) > self.max_sleeping)
+            or (self.sleep_memory and memory > self.sleep_memory)
+        ):
+            oldest = asleep.pop(0)
+            memory -= oldest.memory or 0
+            oldest.unload_reason = "sleep budget"
+            self._set_phase(oldest, Phase.UNLOADING, now, effects)
+            effects.append(StartUnload(oldest.model, "sleep budget"))
 
     def _drop_failed_from_queue(self, now: float, effects: list[Effect]) -> None:
         """Queued models in failure back-off would only fail again: fail their waiters now."""

@@ -9,6 +9,7 @@ thread, between awaits, so no lock is needed.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from vllm_chill._model import VLLMModel
 from vllm_chill._placement import Demand, Placement
-from vllm_chill.backends._base import Backend, LoadedModel, LoadError
+from vllm_chill.backends._base import Backend, LoadedModel, LoadError, SleepingBackend
 from vllm_chill.observability._logs import get_logger
 from vllm_chill.observability._metrics import Metrics
 from vllm_chill.registries._base import ModelRegistry
@@ -36,12 +37,14 @@ from vllm_chill.scheduler._core import (
     Reject,
     Release,
     StartLoad,
+    StartSleep,
     StartUnload,
+    StartWake,
     SwitchCore,
     TooMany,
 )
 from vllm_chill.scheduler._refusals import LoadFailed, ModelLoading, NotRunning, TooManyWaiting
-from vllm_chill.settings._schema import LimitsSettings, SwitchingSettings
+from vllm_chill.settings._schema import LimitsSettings, SleepSettings, SwitchingSettings
 
 log = get_logger(__name__)
 
@@ -49,10 +52,23 @@ log = get_logger(__name__)
 UNLOAD_TIMEOUT = 120.0
 
 
-def demand_of(model: VLLMModel) -> Demand:
+def demand_of(model: VLLMModel, *, can_sleep: bool = False) -> Demand:
     """What a model declares it needs: `tensorParallelSize` GPUs with `gpuMemoryUtilization`
-    of each (vLLM pre-allocates exactly that share); unset, one whole GPU."""
-    return Demand(model.tensor_parallel_size or 1, model.gpu_memory_utilization or 1.0)
+    of each (vLLM pre-allocates exactly that share); unset, one whole GPU. It sleeps instead of
+    stopping when it has `enableSleepMode` and the backend can put it to sleep."""
+    return Demand(
+        model.tensor_parallel_size or 1,
+        model.gpu_memory_utilization or 1.0,
+        can_sleep=can_sleep and bool(model.enable_sleep_mode),
+    )
+
+
+def host_memory_share(share: float = 0.5) -> int:
+    """`share` of this machine's memory, in bytes (0 where the system does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * share)
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 @dataclass(eq=False, slots=True)
@@ -90,8 +106,12 @@ class Switcher:
         limits: LimitsSettings,
         metrics: Metrics,
         *,
+        sleep: SleepSettings | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        sleep = sleep or SleepSettings()
+        self.sleep_settings = sleep
+        self.can_sleep = isinstance(backend, SleepingBackend)
         self.backend = backend
         self.registry = registry
         self.switching = switching
@@ -106,6 +126,9 @@ class Switcher:
             failure_backoff=switching.failure_backoff,
             failure_backoff_max=switching.failure_backoff_max,
             first_load_estimate=switching.first_load_estimate,
+            sleep_reserve=sleep.reserve,
+            max_sleeping=sleep.max_sleeping,
+            sleep_memory=host_memory_share() if sleep.memory is None else sleep.memory,
             capacity=backend.capacity,
             max_loaded=switching.max_loaded,
             max_concurrent_loads=switching.max_concurrent_loads,
@@ -215,7 +238,7 @@ class Switcher:
             return None
         known = self._demands.get(name)
         if known is None or known[0] is not model:
-            known = self._demands[name] = (model, demand_of(model))
+            known = self._demands[name] = (model, demand_of(model, can_sleep=self.can_sleep))
         return known[1]
 
     async def _hold(self, model: str, waiter_id: int, hold: float, client: str | None) -> Lease:
@@ -305,6 +328,11 @@ class Switcher:
                 self._spawn(self._load, effect.model, effect.placement, effect.replacing)
             elif isinstance(effect, StartUnload):
                 self._spawn(self._unload, effect.model, effect.reason)
+            elif isinstance(effect, StartSleep):
+                self.loaded.pop(effect.model, None)  # no new lease until it is awake again
+                self._spawn(self._put_to_sleep, effect.model)
+            elif isinstance(effect, StartWake):
+                self._spawn(self._wake_up, effect.model)
             elif isinstance(effect, Cut):
                 leases = self._leases.get(effect.model, ())
                 log.warning(
@@ -399,7 +427,7 @@ class Switcher:
 
     def _on_progress(self, model: str, started: float) -> Callable[[str], None]:
         def progress(phase: str) -> None:
-            if self.core.phase_of(model) is not Phase.LOADING:
+            if self.core.phase_of(model) not in (Phase.LOADING, Phase.WAKING):
                 return
             self.progress[model] = phase
             log.info(
@@ -472,15 +500,72 @@ class Switcher:
             error = f"backend error: {type(exc).__name__}: {exc}"
         elapsed = self.clock() - started
         result = "failure" if error else "success"
-        self.metrics.switches.labels(previous or "", name, result).inc()
+        self.metrics.switches.labels(previous or "", name, result, "cold").inc()
         self.metrics.switch_duration.labels(name, result).observe(elapsed)
         if error:
             self.loaded.pop(name, None)
             log.error("switch phase=failed model=%s elapsed=%.1fs reason=%s", name, elapsed, error)
         else:
-            log.info("switch phase=ready model=%s elapsed=%.1fs", name, elapsed)
+            log.info("switch phase=ready model=%s kind=cold elapsed=%.1fs", name, elapsed)
         self.progress.pop(name, None)
         self._apply(self.core.load_done(name, self.clock(), error))
+
+    async def _put_to_sleep(self, name: str) -> None:
+        started = self.clock()
+        level = self.sleep_settings.level
+        log.info("switch phase=sleeping model=%s level=%d", name, level)
+        memory: int | None = None
+        error: str | None = None
+        backend = self.backend
+        try:
+            if not isinstance(backend, SleepingBackend):
+                raise LoadError("the backend cannot put models to sleep")
+            with anyio.fail_after(UNLOAD_TIMEOUT):
+                memory = await backend.sleep(name, level)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, LoadError) else exc.reason
+            log.error("switch phase=sleep-failed model=%s reason=%s; stopping it", name, error)
+        else:
+            held = f" host_memory={memory / 2**30:.1f}GiB" if memory else ""
+            log.info(
+                "switch phase=asleep model=%s elapsed=%.1fs%s", name, self.clock() - started, held
+            )
+            self.metrics.scale_events.labels("down", "sleep").inc()
+        self._apply(self.core.sleep_done(name, self.clock(), memory, error))
+
+    async def _wake_up(self, name: str) -> None:
+        started = self.clock()
+        self.progress[name] = "waking"
+        log.info("switch phase=waking model=%s", name)
+        error: str | None = None
+        backend = self.backend
+        try:
+            if not isinstance(backend, SleepingBackend):
+                raise LoadError("the backend cannot wake models")
+            with anyio.fail_after(self.sleep_settings.wake_timeout):
+                self.loaded[name] = await backend.wake(name, self._on_progress(name, started))
+        except TimeoutError:
+            error = f"not awake within {self.sleep_settings.wake_timeout:g}s (--wake-timeout)"
+        except LoadError as exc:
+            error = exc.reason
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        elapsed = self.clock() - started
+        result = "failure" if error else "success"
+        self.metrics.switches.labels("", name, result, "wake").inc()
+        self.metrics.switch_duration.labels(name, result).observe(elapsed)
+        if error:
+            self.loaded.pop(name, None)
+            log.error(
+                "switch phase=wake-failed model=%s elapsed=%.1fs reason=%s; loading it cold",
+                name,
+                elapsed,
+                error,
+            )
+        else:
+            log.info("switch phase=ready model=%s kind=wake elapsed=%.2fs", name, elapsed)
+        self.progress.pop(name, None)
+        self._apply(self.core.wake_done(name, self.clock(), error))
 
     async def _unload(self, name: str, reason: str) -> None:
         started = self.clock()
@@ -505,7 +590,7 @@ class Switcher:
         """The 503 for a model not serving yet, with what its load is doing and for how long
         (answered often during a load, so this reads the core directly)."""
         resident = self.core.residents.get(model)
-        if resident is None or resident.phase is not Phase.LOADING:
+        if resident is None or resident.phase not in (Phase.LOADING, Phase.WAKING):
             phase = "making room" if model in self.core.pending else "queued"
             return ModelLoading(model, retry_after, phase=phase, elapsed=0.0)
         phase = self.progress.get(model) or resident.phase.value
@@ -522,6 +607,7 @@ class Switcher:
                 "from": record.from_model,
                 "to": record.to_model,
                 "result": record.result or "in_progress",
+                "kind": record.kind,
                 "duration_seconds": round((finished or now) - record.started_at, 3),
                 "seconds_ago": round(now - record.started_at, 3),
             }
@@ -541,6 +627,8 @@ class Switcher:
                     "phase_seconds": round(now - r.since, 3),
                     "progress": self.progress.get(r.model),
                     "making_room_for": r.making_room_for,
+                    "can_sleep": r.demand.can_sleep,
+                    "host_memory_bytes": r.memory,
                 }
                 for r in core.residents.values()
             },

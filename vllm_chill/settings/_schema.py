@@ -203,6 +203,58 @@ class SwitchingSettings(_Group):
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
+class SleepSettings(_Group):
+    """vLLM's sleep mode, for models with `enableSleepMode` (local and sim backends): a model
+    that gives way sleeps instead of stopping, and comes back in seconds."""
+
+    level: int = setting(
+        1,
+        "--sleep-level",
+        "vLLM sleep level: 1 moves the weights to host memory (a wake reloads nothing); 2 drops "
+        "them too (less host memory, a slower wake)",
+        parse=v.sleep_level,
+        metavar="N",
+        backends=frozenset({"local", "sim"}),
+    )
+    reserve: float = setting(
+        0.02,
+        "--sleep-reserve",
+        "share of each of its GPUs a sleeping model still holds (its CUDA context), counted "
+        "when placing others",
+        parse=v.gpu_share,
+        metavar="SHARE",
+        backends=frozenset({"local", "sim"}),
+    )
+    max_sleeping: int = setting(
+        0,
+        "--max-sleeping",
+        "most models asleep at once; beyond it the least recently used is stopped; 0 no limit",
+        parse=v.non_negative_int,
+        metavar="N",
+        backends=frozenset({"local", "sim"}),
+        default_text="0: no limit",
+    )
+    memory: int | None = setting(
+        None,
+        "--sleep-memory",
+        "host memory the sleeping models may hold together, measured from their processes "
+        "once asleep; beyond it the least recently used is stopped",
+        parse=v.parse_size,
+        metavar="SIZE",
+        backends=frozenset({"local", "sim"}),
+        default_text="half of the machine's memory",
+    )
+    wake_timeout: float = setting(
+        60.0,
+        "--wake-timeout",
+        "a wake that takes longer fails: the process is stopped and the model loads cold",
+        parse=v.positive_duration,
+        metavar="DURATION",
+        backends=frozenset({"local", "sim"}),
+    )
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
 class LimitsSettings(_Group):
     """Bounds on what one client, or all of them, can make the proxy hold."""
 
@@ -414,6 +466,14 @@ class SimSettings(_Group):
         metavar="DURATION",
         backends=frozenset({"sim"}),
     )
+    wake_time: float = setting(
+        0.5,
+        "--sim-wake-time",
+        "sim backend: how long a sleeping model (enableSleepMode) takes to wake",
+        parse=v.parse_duration,
+        metavar="DURATION",
+        backends=frozenset({"sim"}),
+    )
     tokens_per_second: float = setting(
         50.0,
         "--sim-tokens-per-second",
@@ -469,6 +529,7 @@ class Settings(_Group):
         default_text="",
     )
     switching: SwitchingSettings = field(default_factory=SwitchingSettings)
+    sleep: SleepSettings = field(default_factory=SleepSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
@@ -495,6 +556,7 @@ GROUP_TITLES = {
     "kubernetes": "kubernetes backend",
     "upstream": "model servers (upstream)",
     "switching": "switching",
+    "sleep": "sleep mode (models with enableSleepMode)",
     "limits": "limits",
     "security": "authentication (values are never logged)",
     "local": "local backend",

@@ -114,6 +114,23 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def gpu_share(text: str) -> float:
+    """A share of one GPU's memory, 0 or more and under 1 (`0.02`)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid share {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"invalid share {text!r}: must be 0 or more, under 1")
+    return value
+
+
+def sleep_level(text: str) -> int:
+    if text.strip() not in ("1", "2"):
+        raise argparse.ArgumentTypeError(f"invalid sleep level {text!r} (1 or 2)")
+    return int(text)
+
+
 def gpu_list(text: str) -> tuple[str, ...]:
     """`0,1,2,3` → ("0", "1", "2", "3"); `none` (or empty) → () for no GPU accounting."""
     if text.strip().lower() in ("", "none"):

@@ -71,6 +71,9 @@ OUTPUT_DRAIN_TIMEOUT = 2.0
 PROBE_TIMEOUT = 5.0
 POLL_INITIAL = 0.05
 POLL_MAX = 0.25
+#: Longest one /sleep or /wake_up call may take (the weights of a large model move to or from
+#: host memory meanwhile); the scheduler bounds the whole sleep and wake as well.
+SLEEP_CALL_TIMEOUT = 120.0
 #: A "line" longer than this (a progress bar without line breaks) is cut, to bound memory.
 MAX_LINE = 16 * 1024
 #: Progress bars (tqdm) redraw with a carriage return; each redraw is a line of its own.
@@ -115,6 +118,8 @@ class LocalProcessBackend:
         #: GPU ids to place models on; none: no accounting, one model at a time.
         self.capacity: Capacity = GpuPool(tuple(gpus)) if gpus else SingleSlot()
         self._servers: dict[str, _Server] = {}
+        #: Models whose server sleeps (vLLM's sleep mode): kept when another one loads.
+        self.asleep: set[str] = set()
         self._on_lost: LostCallback | None = None
         self._tg: TaskGroup | None = None
         self._closing = False
@@ -180,7 +185,11 @@ class LocalProcessBackend:
             await self._stop_server(current)  # its definition changed
         # Without GPU accounting one model runs at a time; with it, only the drained ones go.
         one_slot = isinstance(self.capacity, SingleSlot)
-        for other in [s for s in self._servers.values() if one_slot or s.name in replacing]:
+        for other in [
+            s
+            for s in self._servers.values()
+            if (one_slot and s.name not in self.asleep) or s.name in replacing
+        ]:
             progress(f"stopping {other.name}")
             await self._stop_server(other)
         progress("starting process")
@@ -198,6 +207,53 @@ class LocalProcessBackend:
         log.info("[%s] ready at %s", server.name, server.base_url)
         return server.loaded()
 
+    async def sleep(self, model: str, level: int) -> int | None:
+        """`POST /sleep?level=..&mode=wait` (what is in flight finishes first; the scheduler
+        drained it anyway), then `/is_sleeping` until it says so. Returns the resident memory
+        of the server's whole process group once asleep: the host RAM its weights now hold."""
+        server = self._servers[model]
+        async with self._dev_client(server) as client:
+            answer = await client.post("/sleep", params={"level": level, "mode": "wait"})
+            if answer.status_code != 200:
+                raise LoadError(f"/sleep answered {answer.status_code}: {answer.text[:200]}")
+            await self._until_sleeping(server, client, sleeping=True)
+        self.asleep.add(model)
+        memory = await anyio.to_thread.run_sync(_group_rss, server.pgid)
+        log.info("[%s] asleep, holding %.1f GiB of host memory", model, memory / 2**30)
+        return memory
+
+    async def wake(self, model: str, progress: ProgressCallback) -> LoadedModel:
+        server = self._servers[model]
+        progress("waking")
+        async with self._dev_client(server) as client:
+            answer = await client.post("/wake_up")
+            if answer.status_code != 200:
+                raise LoadError(f"/wake_up answered {answer.status_code}: {answer.text[:200]}")
+            await self._until_sleeping(server, client, sleeping=False)
+            progress("waiting for /v1/models")
+            await self._poll(server, lambda: _lists_model(client, server))
+        self.asleep.discard(model)
+        log.info("[%s] awake at %s", model, server.base_url)
+        return server.loaded()
+
+    def _dev_client(self, server: _Server) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else None
+        # /sleep and /wake_up answer once the weights have moved (seconds for large models).
+        return httpx.AsyncClient(
+            base_url=server.base_url, headers=headers, timeout=SLEEP_CALL_TIMEOUT, trust_env=False
+        )
+
+    async def _until_sleeping(
+        self, server: _Server, client: httpx.AsyncClient, *, sleeping: bool
+    ) -> None:
+        async def settled() -> bool:
+            answer = await client.get("/is_sleeping")
+            if answer.status_code == 404:
+                raise LoadError("the server has no /is_sleeping: not in vLLM's development mode")
+            return bool(answer.json().get("is_sleeping")) is sleeping
+
+        await self._poll(server, settled)
+
     async def unload(self, model: str | None = None) -> None:
         servers = [s for s in self._servers.values() if model is None or s.name == model]
         for server in servers:
@@ -214,6 +270,10 @@ class LocalProcessBackend:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self._env}
         if placement is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(placement.units)
+        if model.enable_sleep_mode:
+            # vLLM serves /sleep and /wake_up only in its development mode. The server listens
+            # on loopback, and the proxy never forwards those paths.
+            env["VLLM_SERVER_DEV_MODE"] = "1"
         secrets = _secret_values(argv) | _secret_env_values(env)
         if self._api_key:
             secrets.add(self._api_key)
@@ -308,6 +368,7 @@ class LocalProcessBackend:
                     server.stopped.set()
         if self._servers.get(server.name) is server:
             del self._servers[server.name]
+            self.asleep.discard(server.name)
 
     async def _terminate(self, server: _Server) -> None:
         name, pgid = server.name, server.pgid
@@ -503,6 +564,28 @@ async def _wait_group_gone(pgid: int) -> None:
     while await anyio.to_thread.run_sync(_group_has_live_members, pgid):
         await anyio.sleep(delay)
         delay = min(delay * 2, 0.2)
+
+
+def _group_rss(pgid: int) -> int:
+    """Resident memory of every process of a process group, in bytes (Linux; 0 elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as stat_file:
+                    stat = stat_file.read()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(b")") + 2 :].split()
+            # state, ppid, pgrp, ... and rss (pages) is field 24 of stat: index 21 here.
+            if len(fields) > 21 and int(fields[2]) == pgid:
+                total += int(fields[21]) * page
+    return total
 
 
 def _group_has_live_members(pgid: int) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import signal
 import sys
 import time
@@ -50,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sim-load-time", type=parse_duration, default=3.0)
     parser.add_argument("--sim-tokens-per-second", type=_non_negative, default=50.0)
     parser.add_argument("--sim-fail-load", action="store_true")
+    parser.add_argument("--enable-sleep-mode", action="store_true")
+    parser.add_argument("--sim-wake-time", type=parse_duration, default=0.5)
     return parser
 
 
@@ -70,6 +73,10 @@ async def _serve(args: argparse.Namespace, model: str, served: str) -> int:
         max_model_len=args.max_model_len,
         root=model,
         fail_load=args.sim_fail_load,
+        # As vLLM: the sleep routes exist only in its development mode.
+        dev_mode=os.environ.get("VLLM_SERVER_DEV_MODE") == "1",
+        sleep_mode=args.enable_sleep_mode,
+        wake_time=args.sim_wake_time,
     )
     exit_code = 0
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

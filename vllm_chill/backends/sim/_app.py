@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
+from urllib.parse import parse_qs
 
 import anyio
 import anyio.lowlevel
@@ -111,12 +112,24 @@ class SimApp:
         max_model_len: int = 8192,
         api_key: str | None = None,
         root: str | None = None,
+        dev_mode: bool = False,
+        sleep_mode: bool = False,
+        wake_time: float = 0.5,
     ) -> None:
+        """`dev_mode` is vLLM's `VLLM_SERVER_DEV_MODE=1`: only then do `/sleep`, `/wake_up`
+        and `/is_sleeping` exist; `sleep_mode` is `--enable-sleep-mode`; a wake takes
+        `wake_time`."""
         self.served_model_name = served_model_name
         self.tokens_per_second = tokens_per_second
         self.max_model_len = max_model_len
         self.root = root or served_model_name
         self.ready = False
+        self.dev_mode = dev_mode
+        self.sleep_mode = sleep_mode
+        self.wake_time = wake_time
+        self.sleeping = False
+        #: Each `/sleep` call's query: (level, mode), for tests.
+        self.sleep_calls: list[tuple[int, str]] = []
         self.stats = SimStats()
         self._expected_auth = f"Bearer {api_key}".encode() if api_key else None
         self._created = p.now()
@@ -141,6 +154,8 @@ class SimApp:
                 await _send_json(send, 401, {"error": "Unauthorized"})
                 return
         route = _ROUTES.get(path)
+        if route is None and self.dev_mode:
+            route = _DEV_ROUTES.get(path)
         if route is None:
             await _send_json(send, 404, {"detail": "Not Found"})
             return
@@ -168,6 +183,8 @@ class SimApp:
                 await _send_json(send, 503, p.error_body("The server is shutting down.", 503))
             elif not self.ready and path != "/health":
                 await _send_json(send, 503, p.error_body("The model is still loading.", 503))
+            elif self.sleeping and path not in _AWAKE_OR_ASLEEP:
+                await _send_json(send, 503, p.error_body("The model is sleeping.", 503))
             else:
                 await handler(self, _Call(scope, receive, send, body))
         except RequestError as exc:
@@ -252,6 +269,34 @@ class SimApp:
 
     async def _health(self, call: _Call) -> None:
         await send_status(call.send, 200 if self.ready else 503)
+
+    async def _sleep(self, call: _Call) -> None:
+        """vLLM's `POST /sleep?level=1|2&mode=abort|wait|keep`: `abort` (the default) cuts the
+        requests in flight, `wait` lets them finish first."""
+        query = parse_qs(call.scope.get("query_string", b"").decode("latin-1"))
+        level = int(query.get("level", ["1"])[0])
+        mode = query.get("mode", ["abort"])[0]
+        self.sleep_calls.append((level, mode))
+        if not self.sleep_mode:
+            raise RequestError(400, "Sleep mode is not enabled (--enable-sleep-mode).")
+        if mode not in ("abort", "wait", "keep"):
+            raise RequestError(400, f"Invalid mode {mode!r}.", param="mode")
+        if mode == "abort":
+            for scope in list(self._generations):
+                scope.cancel()
+        elif mode == "wait":  # each request that ends says so through the stats
+            await self.stats.wait_until(lambda _: not self._generations)
+        self.sleeping = True
+        await send_status(call.send, 200)
+
+    async def _wake_up(self, call: _Call) -> None:
+        if self.sleeping:
+            await anyio.sleep(self.wake_time)
+        self.sleeping = False
+        await send_status(call.send, 200)
+
+    async def _is_sleeping(self, call: _Call) -> None:
+        await _send_json(call.send, 200, {"is_sleeping": self.sleeping})
 
     async def _version(self, call: _Call) -> None:
         await _send_json(call.send, 200, {"version": "0.0.0+vllm-chill-sim"})
@@ -508,6 +553,14 @@ _ROUTES: dict[str, tuple[str, Handler]] = {
     "/v1/audio/transcriptions": ("POST", SimApp._transcribe),
     "/v1/audio/translations": ("POST", SimApp._transcribe),
 }
+#: vLLM's development routes: they exist only with `VLLM_SERVER_DEV_MODE=1`.
+_DEV_ROUTES: dict[str, tuple[str, Handler]] = {
+    "/sleep": ("POST", SimApp._sleep),
+    "/wake_up": ("POST", SimApp._wake_up),
+    "/is_sleeping": ("GET", SimApp._is_sleeping),
+}
+#: What still answers while the model sleeps.
+_AWAKE_OR_ASLEEP = frozenset({"/health", "/version", "/v1/models", *_DEV_ROUTES})
 
 
 def _sse_event(

@@ -55,8 +55,12 @@ class SimBackend:
         host: str = "127.0.0.1",
         api_key: str | None = None,
         gpus: Sequence[str] = (),
+        wake_time: float = SimSettings.wake_time,
     ) -> None:
         self.load_time = load_time
+        self.wake_time = wake_time
+        #: Models whose server sleeps (vLLM's sleep mode): kept when another loads.
+        self.asleep: set[str] = set()
         self.tokens_per_second = tokens_per_second
         self.host = host
         self.capacity: Capacity = GpuPool(tuple(gpus)) if gpus else SingleSlot()
@@ -101,7 +105,11 @@ class SimBackend:
     ) -> LoadedModel:
         name = model.served_model_name
         one_slot = isinstance(self.capacity, SingleSlot)
-        for other in [n for n in self._servers if one_slot or n in replacing or n == name]:
+        for other in [
+            n
+            for n in self._servers
+            if (one_slot and n not in self.asleep) or n in replacing or n == name
+        ]:
             await self._stop_server(other)
         progress("starting server")
         server = SimModelServer(
@@ -113,6 +121,10 @@ class SimBackend:
             max_model_len=model.max_model_len or 8192,
             root=model.model_name,
             fail_load=FAIL_LOAD_FLAG in model.extra_args,
+            # As the local backend starts a vLLM with sleep mode: in its development mode.
+            dev_mode=bool(model.enable_sleep_mode),
+            sleep_mode=bool(model.enable_sleep_mode),
+            wake_time=self.wake_time,
         )
         # Recorded before it starts, so that whatever interrupts the load, `unload` (and the
         # cleanup below) finds it.
@@ -142,9 +154,47 @@ class SimBackend:
         if self._on_lost is not None:
             self._on_lost(reason, model=name)
 
+    async def sleep(self, model: str, level: int) -> int | None:
+        """`POST /sleep?level=..&mode=wait` (requests in flight finish first), then
+        `/is_sleeping` until it says so. The simulator holds no host memory worth counting."""
+        server = self._servers[model]
+        async with self._client(server) as client:
+            answer = await client.post("/sleep", params={"level": level, "mode": "wait"})
+            if answer.status_code != 200:
+                raise LoadError(f"/sleep answered {answer.status_code}: {answer.text[:200]}")
+            if not (await client.get("/is_sleeping")).json().get("is_sleeping"):
+                raise LoadError("/is_sleeping says it is awake after /sleep")
+        self.asleep.add(model)
+        return None
+
+    async def wake(self, model: str, progress: ProgressCallback) -> LoadedModel:
+        server = self._servers[model]
+        progress("waking")
+        async with self._client(server) as client:
+            answer = await client.post("/wake_up")
+            if answer.status_code != 200:
+                raise LoadError(f"/wake_up answered {answer.status_code}: {answer.text[:200]}")
+            if (await client.get("/is_sleeping")).json().get("is_sleeping"):
+                raise LoadError("/is_sleeping says it still sleeps after /wake_up")
+            models = await client.get("/v1/models")
+            if models.status_code != 200:
+                raise LoadError(f"/v1/models answered {models.status_code} after the wake")
+        self.asleep.discard(model)
+        return LoadedModel(model, server.base_url)
+
+    def _client(self, server: SimModelServer) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        return httpx.AsyncClient(
+            base_url=server.base_url,
+            headers=headers,
+            timeout=self.wake_time + READY_SLACK,
+            trust_env=False,
+        )
+
     async def _stop_server(self, name: str) -> None:
         server = self._servers.pop(name, None)
         self.placements.pop(name, None)
+        self.asleep.discard(name)
         if server is not None:
             await server.stop()  # shielded and bounded by SimModelServer itself
 

@@ -70,6 +70,9 @@ class SimModelServer:
         max_model_len: int = 8192,
         root: str | None = None,
         fail_load: bool = False,
+        dev_mode: bool = False,
+        sleep_mode: bool = False,
+        wake_time: float = 0.5,
     ) -> None:
         self.served_model_name = served_model_name
         self.load_time = load_time
@@ -82,6 +85,9 @@ class SimModelServer:
             max_model_len=max_model_len,
             api_key=api_key,
             root=root,
+            dev_mode=dev_mode,
+            sleep_mode=sleep_mode,
+            wake_time=wake_time,
         )
         self._base_url: str | None = None
         self._server: _EmbeddedServer | None = None
