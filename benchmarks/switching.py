@@ -15,7 +15,9 @@ in front of simulated vLLM servers on loopback that take a set time to load:
     longest a client waited, for 1 s and 10 s loads;
 (c) from (b): every Retry-After given against when the model really became ready;
 (d) (b) again with one simulated GPU (`--gpus 0`) and both models at
-    `gpuMemoryUtilization: 0.45`: they fit side by side, so both stay loaded.
+    `gpuMemoryUtilization: 0.45`: they fit side by side, so both stay loaded;
+(e) one user, held, A -> B -> A with 10 s loads, where A has `enableSleepMode` (a 0.5 s wake):
+    the time to the first answer of each switch, warm (A woken) against cold (B loaded).
 
 "Each client's model serving" is the share of the wall clock during which the model a client
 wants is serving, averaged over the clients: what each user gets.
@@ -48,8 +50,10 @@ MARK_END = "<!-- switching-results:end -->"
 MODELS = ("alpha", "beta")
 
 
-def spec(name: str, share: float | None = None) -> VLLMModel:
-    extra = {"gpuMemoryUtilization": share} if share else {}
+def spec(name: str, share: float | None = None, *, sleeps: bool = False) -> VLLMModel:
+    extra: dict[str, Any] = {"gpuMemoryUtilization": share} if share else {}
+    if sleeps:
+        extra["enableSleepMode"] = True
     return VLLMModel.from_spec({"modelName": f"org/{name}", "servedModelName": name, **extra})
 
 
@@ -70,15 +74,22 @@ class Timeline:
 
 @asynccontextmanager
 async def proxy(
-    load_time: float, users: int = 1, max_wait: float = 0.0, gpus: tuple[str, ...] = ()
+    load_time: float,
+    users: int = 1,
+    max_wait: float = 0.0,
+    gpus: tuple[str, ...] = (),
+    sleepers: tuple[str, ...] = (),
+    wake_time: float = 0.5,
 ) -> AsyncIterator[tuple[list[httpx.AsyncClient], Any]]:
     """The proxy in front of simulated servers; one HTTP client per user, each from an address
     of its own (the proxy tells users apart by address). With `gpus`, the models take 0.45 of
-    a GPU each."""
+    a GPU each; `sleepers` have `enableSleepMode`."""
     share = 0.45 if gpus else None
     app = ModelSwitchMiddleware(
-        registry=StaticRegistry(spec(m, share) for m in MODELS),
-        backend=SimBackend(load_time=load_time, tokens_per_second=0, gpus=gpus),
+        registry=StaticRegistry(spec(m, share, sleeps=m in sleepers) for m in MODELS),
+        backend=SimBackend(
+            load_time=load_time, tokens_per_second=0, gpus=gpus, wake_time=wake_time
+        ),
         settings=Settings(switching=SwitchingSettings(max_wait=max_wait)),
     )
     async with app.running(), AsyncExitStack() as stack:
@@ -127,6 +138,19 @@ async def single_user(load_time: float) -> dict[str, float]:
             ]
         results[label] = max(took for took, _ in switches) - load_time
     return results
+
+
+async def warm_and_cold(load_time: float, wake_time: float) -> dict[str, float]:
+    """A -> B -> A held by the proxy, A with sleep mode: each switch's time to first answer."""
+    async with proxy(load_time, max_wait=60.0, sleepers=("alpha",), wake_time=wake_time) as (
+        [http],
+        _,
+    ):
+        await until_answered(http, "alpha", poll=None)  # the first load of each: learnt
+        cold, _ = await until_answered(http, "beta", poll=None)
+        warm, _ = await until_answered(http, "alpha", poll=None)
+        again, _ = await until_answered(http, "beta", poll=None)
+    return {"load": load_time, "wake": wake_time, "cold": max(cold, again), "warm": warm}
 
 
 async def sample(app: Any, timeline: Timeline, stop: asyncio.Event) -> None:
@@ -194,7 +218,7 @@ async def alternating(
     }
 
 
-def table(single: dict[str, float], runs: list[dict[str, Any]]) -> str:
+def table(single: dict[str, float], runs: list[dict[str, Any]], sleep: dict[str, float]) -> str:
     lines = [
         "| one user, A→B→A, 1 s loads | switch latency minus the load time (worst of 3) |",
         "|---|---|",
@@ -219,6 +243,14 @@ def table(single: dict[str, float], runs: list[dict[str, Any]]) -> str:
             f"{run['serving']:.2f} | {run['each']:.2f} | {run['longest_wait']:.1f} s | "
             f"{median:+.1f} s / {early:+.1f} s / {late:+.1f} s | {len(errors)} |"
         )
+    lines += [
+        "",
+        f"| one user, A→B→A held, {sleep['load']:g} s loads, A sleeps (wake {sleep['wake']:g} s)"
+        " | time to first answer |",
+        "|---|---|",
+        f"| cold switch (B loaded; worst of 2) | {sleep['cold']:.2f} s |",
+        f"| warm switch (A woken) | {sleep['warm']:.2f} s |",
+    ]
     return "\n".join(lines)
 
 
@@ -236,13 +268,14 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="length of run (b)")
     parser.add_argument("--write-doc", type=Path, help="update the results block in this file")
     args = parser.parse_args()
-    single, *runs = await asyncio.gather(
+    single, sleep, *runs = await asyncio.gather(
         single_user(1.0),
+        warm_and_cold(10.0, 0.5),
         alternating(1.0, args.seconds),
         alternating(10.0, args.seconds),
         alternating(10.0, args.seconds, gpus=("0",)),
     )
-    block = table(single, runs)
+    block = table(single, runs, sleep)
     print(block)
     if args.write_doc:
         write_doc(args.write_doc, block)

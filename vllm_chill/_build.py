@@ -42,7 +42,7 @@ def build_parts(settings: Settings, *, api_client: Any = None) -> tuple[ModelReg
             gpus=settings.local.gpus or (),  # simulated GPUs: only the ones given
             wake_time=settings.sim.wake_time,
         )
-        return _file_registry(settings), sim
+        return _registry(settings, api_client), sim
     if settings.backend == "local":
         from vllm_chill.backends.local._backend import LocalProcessBackend  # noqa: PLC0415
         from vllm_chill.backends.local._gpus import discover_gpus  # noqa: PLC0415
@@ -56,10 +56,24 @@ def build_parts(settings: Settings, *, api_client: Any = None) -> tuple[ModelReg
             )
         except ValueError as exc:  # the template names what is wrong with it
             raise SettingsError(f"argument --command: {exc}") from None
-        return _file_registry(settings), local
+        return _registry(settings, api_client), local
     if settings.backend == "kubernetes":
         return _kubernetes(settings, api_client)
     raise SettingsError("argument --backend: required (kubernetes, local or sim)")
+
+
+def _registry(settings: Settings, api_client: Any) -> ModelRegistry:
+    """Files, or (`--registry kubernetes`) the namespace's VLLMModel resources: the warm pool
+    of a GPU pod that runs the local backend."""
+    if settings.registry != "kubernetes":
+        return _file_registry(settings)
+    try:
+        from vllm_chill.registries._kubernetes import CRDRegistry  # noqa: PLC0415
+    except ImportError as exc:  # the `kubernetes` extra is not installed
+        raise SettingsError(f"argument --registry: {exc}") from None
+    if api_client is None:
+        api_client = load_kubernetes_client(settings)
+    return CRDRegistry(api_client, settings.kubernetes.namespace)
 
 
 def _file_registry(settings: Settings, namespace: str | None = None) -> ModelRegistry:

@@ -103,7 +103,7 @@ class EnvConfiguredApp:
             if value and not value.startswith("tcp://"):  # not a Kubernetes service link
                 log.warning("%s is for `vllm-chill serve`; here the ASGI server decides", name)
         api_client = None
-        if settings.backend == "kubernetes":
+        if settings.backend == "kubernetes" or settings.registry == "kubernetes":
             api_client = await anyio.to_thread.run_sync(load_kubernetes_client, settings)
         self.settings = settings
         log.info("configured from the environment: %r", settings)

@@ -277,8 +277,13 @@ def settings_from_namespace(
                 found.append(f"http://{host}:{port}")
             values["upstream.urls"] = tuple(found)
     else:
-        if not values.get("models"):
-            fail("models", f"required with the {backend} backend")
+        if values.get("registry") == "kubernetes":
+            if values.get("models"):
+                fail("models", "not with --registry kubernetes (the models are its resources)")
+            if "kubernetes.namespace" not in values:
+                values["kubernetes.namespace"] = _pod_namespace(pod_namespace_file) or "default"
+        elif not values.get("models"):
+            fail("models", f"required with the {backend} backend (or --registry kubernetes)")
         values.pop("upstream.urls", None)
 
     return assemble(values, tuple(warnings))

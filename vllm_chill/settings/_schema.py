@@ -25,6 +25,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 
 BackendName = Literal["kubernetes", "local", "sim"]
+REGISTRIES = ("files", "kubernetes")
+RegistryName = Literal["files", "kubernetes"]
 LogFormat = Literal["text", "json"]
 
 _ALL = frozenset(BACKENDS)
@@ -422,9 +424,8 @@ class KubernetesSettings(_Group):
     kubeconfig: str | None = setting(
         None,
         "--kubeconfig",
-        "kubeconfig file",
+        "kubeconfig file (the kubernetes backend, or --registry kubernetes)",
         metavar="PATH",
-        backends=_K8S,
         default_text="in-cluster config when present, else ~/.kube/config",
     )
 
@@ -518,6 +519,15 @@ class Settings(_Group):
         parse=v.choice(*BACKENDS),
         metavar="NAME",
         default_text="kubernetes when --deployment is given, else required",
+    )
+    registry: RegistryName | None = setting(
+        None,
+        "--registry",
+        "where models are defined: files (--models) or kubernetes (the VLLMModel resources of "
+        "--namespace; with the local backend, a GPU pod that runs its own warm pool)",
+        parse=v.choice(*REGISTRIES),
+        metavar="NAME",
+        default_text="files when --models is given, else kubernetes",
     )
     models: tuple[str, ...] = setting(
         (),
