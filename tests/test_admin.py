@@ -12,16 +12,13 @@ import httpx
 import pytest
 
 from tests.configs import make_settings
+from tests.support import spec
 from vllm_chill import FakeBackend, ModelSwitchMiddleware, StaticRegistry, VLLMModel
 
 pytestmark = pytest.mark.anyio
 
 REMOTE = ("203.0.113.7", 40000)  # a documentation address: only ever a value in the scope
 LOOPBACK = ("127.0.0.1", 40000)
-
-
-def spec(name: str, **extra: Any) -> VLLMModel:
-    return VLLMModel.from_spec({"modelName": f"org/{name}", "servedModelName": name, **extra})
 
 
 @asynccontextmanager

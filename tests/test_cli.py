@@ -26,6 +26,7 @@ from anyio.streams.text import TextReceiveStream
 from kubernetes import client as k8s_client
 
 from tests.k8s.cluster import model_manifest, simulated_cluster
+from tests.support import chat
 from vllm_chill._build import build_middleware
 from vllm_chill._envapp import EnvConfiguredApp
 from vllm_chill.settings import parse_settings
@@ -260,11 +261,8 @@ def wait_for_state(client: httpx.Client, model: str, state: str) -> None:
         time.sleep(0.05)
 
 
-def chat(client: httpx.Client, model: str) -> httpx.Response:
-    return client.post(
-        "/v1/chat/completions",
-        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
-    )
+def post_chat(client: httpx.Client, model: str) -> httpx.Response:
+    return client.post("/v1/chat/completions", json=chat(model, max_tokens=4))
 
 
 def requests_answered(client: httpx.Client, model: str, status: int) -> float:
@@ -286,7 +284,7 @@ def test_serve_sim_end_to_end(models_dir: Path) -> None:
         with httpx.Client(base_url=base, trust_env=False, timeout=30) as client:
             assert client.get("/health").text == "OK"
 
-            first = chat(client, "alpha-chat")
+            first = post_chat(client, "alpha-chat")
             assert first.status_code == 503
             assert int(first.headers["retry-after"]) >= 1
             error = first.json()["error"]
@@ -298,7 +296,7 @@ def test_serve_sim_end_to_end(models_dir: Path) -> None:
             # Its load time is known now, so the next client is told to come back in about a
             # second rather than the 30 s of an unknown model.
             wait_for_state(client, "alpha-chat", "loaded")
-            assert chat(client, "alpha-chat").status_code == 200
+            assert post_chat(client, "alpha-chat").status_code == 200
             wait_for_state(client, "alpha-chat", "unloaded")
             with openai.DefaultHttpxClient(trust_env=False) as http:
                 sdk = openai.OpenAI(

@@ -15,17 +15,14 @@ import openai
 import pytest
 
 from tests.configs import make_settings
-from vllm_chill import ModelSwitchMiddleware, StaticRegistry, VLLMModel
+from tests.support import spec
+from vllm_chill import ModelSwitchMiddleware, StaticRegistry
 from vllm_chill.backends.sim._app import SimApp
 from vllm_chill.testing import ASGIUpstream, FakeBackend
 
 pytestmark = pytest.mark.anyio
 
 MODELS = ("alpha", "beta")
-
-
-def spec(name: str) -> VLLMModel:
-    return VLLMModel.from_spec({"modelName": f"org/{name}", "servedModelName": name})
 
 
 @asynccontextmanager

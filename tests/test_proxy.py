@@ -19,17 +19,14 @@ import pytest
 from tests.configs import make_settings
 from tests.reliability.helpers import proxy_stack
 from tests.servers import serve
-from vllm_chill import FakeBackend, ModelSwitchMiddleware, StaticRegistry, VLLMModel
+from tests.support import chat, spec
+from vllm_chill import FakeBackend, ModelSwitchMiddleware, StaticRegistry
 from vllm_chill.backends.sim._backend import SimBackend
 from vllm_chill.backends.sim._server import SimModelServer
 
 pytestmark = pytest.mark.anyio
 
 MODELS = ["alpha", "beta", "gamma"]
-
-
-def spec(name: str) -> VLLMModel:
-    return VLLMModel.from_spec({"modelName": f"org/{name}", "servedModelName": name})
 
 
 @dataclass
@@ -99,10 +96,6 @@ async def stack(
         finally:
             for client in clients:
                 await client.close()
-
-
-def chat(model: Any, **extra: Any) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
 
 
 # --- a newcomer's experience ------------------------------------------------------------------

@@ -16,18 +16,11 @@ import pytest
 
 from tests.configs import make_settings
 from tests.servers import serve
-from vllm_chill import FakeBackend, ModelSwitchMiddleware, StaticRegistry, VLLMModel
+from tests.support import chat, spec
+from vllm_chill import FakeBackend, ModelSwitchMiddleware, StaticRegistry
 from vllm_chill.backends.sim._server import SimModelServer
 
 pytestmark = pytest.mark.anyio
-
-
-def spec(name: str) -> VLLMModel:
-    return VLLMModel.from_spec({"modelName": f"org/{name}", "servedModelName": name})
-
-
-def chat(model: str, **extra: Any) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
 
 
 @asynccontextmanager

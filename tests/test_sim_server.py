@@ -7,7 +7,6 @@ import json
 import math
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
+from tests.support import free_port
 from vllm_chill.backends.sim import SimModelServer
 
 pytestmark = pytest.mark.anyio
@@ -316,13 +316,6 @@ async def test_fail_load_exits_instead_of_becoming_healthy() -> None:
         with anyio.fail_after(10):
             assert not await sim.wait_ready()
         assert not sim.ready
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def wait_healthy(url: str, process: anyio.abc.Process) -> None:

@@ -18,7 +18,8 @@ import openai
 import pytest
 
 from tests.local.local_helpers import make_model, standin_command
-from tests.reliability.helpers import proxy_stack, spec
+from tests.reliability.helpers import proxy_stack
+from tests.support import spec
 from vllm_chill._model import VLLMModel
 from vllm_chill.backends._base import Backend
 from vllm_chill.backends.local._backend import LocalProcessBackend

@@ -36,7 +36,6 @@ import copy
 import hashlib
 import json
 import logging
-import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ import kmock
 from anyio.abc import TaskGroup, TaskStatus
 from kubernetes import client as k8s_client
 
+from tests.support import free_port
 from vllm_chill._model import API_GROUP, API_VERSION, KIND, PLURAL
 from vllm_chill.backends.sim._server import SimModelServer
 
@@ -97,12 +97,6 @@ PULL_BLIP_MESSAGE = (
 
 #: The unmanaged args of the initial Deployment, which every rewrite must keep.
 BASE_ARGS = ["--port", "8000", "--host", "0.0.0.0", "--api-key=$(VLLM_API_KEY)"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def model_manifest(name: str, served: str | None = None, **spec: Any) -> dict[str, Any]:

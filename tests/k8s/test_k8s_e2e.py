@@ -16,6 +16,7 @@ import pytest
 
 from tests.configs import make_settings
 from tests.servers import serve
+from tests.support import chat
 from vllm_chill import ModelSwitchMiddleware
 from vllm_chill.backends.kubernetes._backend import K8sDeploymentBackend
 from vllm_chill.registries._kubernetes import CRDRegistry
@@ -50,16 +51,12 @@ async def proxy_on_cluster(**options: Any) -> AsyncIterator[tuple[Cluster, str]]
             yield cluster, url
 
 
-def chat(model: str) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-
-
 async def test_switch_a_b_a_lands_args_and_answers_from_the_model_named() -> None:
     async with proxy_on_cluster(max_wait=30) as (cluster, url):
         client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=5)
         try:
             for name in ("qwen3-coder-30b-fp8", "deepseek-r1-fp8", "qwen3-coder-30b-fp8"):
-                answer = await client.chat.completions.create(**chat(name))
+                answer = await client.chat.completions.create(**chat(name, max_tokens=4))
                 assert answer.model == name
                 args = cluster.args()
                 assert args[args.index("--served-model-name") + 1] == name
@@ -78,14 +75,14 @@ async def test_switch_a_b_a_lands_args_and_answers_from_the_model_named() -> Non
 
 async def test_a_first_request_gets_503_then_the_answer_with_max_wait_zero() -> None:
     async with proxy_on_cluster() as (_, url), httpx.AsyncClient(base_url=url) as http:
-        r = await http.post("/v1/chat/completions", json=chat("deepseek-r1-fp8"))
+        r = await http.post("/v1/chat/completions", json=chat("deepseek-r1-fp8", max_tokens=4))
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "model_switching_in_progress"
         assert int(r.headers["retry-after"]) >= 1
         with anyio.fail_after(30):
             while (await http.get("/v1/models/deepseek-r1-fp8")).json()["state"] != "loaded":
                 await anyio.sleep(0.05)
-        r = await http.post("/v1/chat/completions", json=chat("deepseek-r1-fp8"))
+        r = await http.post("/v1/chat/completions", json=chat("deepseek-r1-fp8", max_tokens=4))
         assert r.status_code == 200 and r.json()["model"] == "deepseek-r1-fp8"
 
 
@@ -96,7 +93,7 @@ async def test_crash_loop_fails_in_seconds_with_its_reason_and_scales_to_zero() 
         httpx.AsyncClient(base_url=url, timeout=60) as http,
     ):
         started = anyio.current_time()
-        r = await http.post("/v1/chat/completions", json=chat("crashy"))
+        r = await http.post("/v1/chat/completions", json=chat("crashy", max_tokens=4))
         took = anyio.current_time() - started
         assert r.status_code == 503
         error = r.json()["error"]
@@ -107,7 +104,7 @@ async def test_crash_loop_fails_in_seconds_with_its_reason_and_scales_to_zero() 
         status = cluster.model_status("crashy")
         assert status["phase"] == "Failed"
         # Other models still load afterwards.
-        r = await http.post("/v1/chat/completions", json=chat("deepseek-r1-fp8"))
+        r = await http.post("/v1/chat/completions", json=chat("deepseek-r1-fp8", max_tokens=4))
         assert r.status_code == 200 and r.json()["model"] == "deepseek-r1-fp8"
 
 
@@ -116,12 +113,12 @@ async def test_idle_scales_the_deployment_to_zero_and_a_request_wakes_it() -> No
         proxy_on_cluster(max_wait=30, idle_timeout=0.5) as (cluster, url),
         httpx.AsyncClient(base_url=url, timeout=60) as http,
     ):
-        r = await http.post("/v1/chat/completions", json=chat("qwen3-coder-30b-fp8"))
+        r = await http.post("/v1/chat/completions", json=chat("qwen3-coder-30b-fp8", max_tokens=4))
         assert r.status_code == 200
         await cluster.wait_for(lambda: cluster.replicas() == 0)
         with anyio.fail_after(10):  # the unload returns once the pod is gone, too
             while (await http.get("/proxy/status")).json()["phase"] != "idle":
                 await anyio.sleep(0.02)
-        r = await http.post("/v1/chat/completions", json=chat("qwen3-coder-30b-fp8"))
+        r = await http.post("/v1/chat/completions", json=chat("qwen3-coder-30b-fp8", max_tokens=4))
         assert r.status_code == 200 and r.json()["model"] == "qwen3-coder-30b-fp8"
         assert cluster.replicas() == 1

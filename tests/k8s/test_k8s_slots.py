@@ -15,13 +15,14 @@ import pytest
 
 from tests.configs import make_settings
 from tests.servers import serve
+from tests.support import chat, free_port
 from vllm_chill import ModelSwitchMiddleware
 from vllm_chill._build import build_middleware
 from vllm_chill.backends.kubernetes import K8sDeploymentBackend, K8sDeploymentsBackend
 from vllm_chill.registries._kubernetes import CRDRegistry
 from vllm_chill.settings import SettingsError, parse_settings
 
-from .cluster import BASE_ARGS, Cluster, KubeletSim, free_port, model_manifest, simulated_cluster
+from .cluster import BASE_ARGS, Cluster, KubeletSim, model_manifest, simulated_cluster
 from .emulator import DEPLOYMENTS
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -32,10 +33,6 @@ MODELS = [
     model_manifest("small-c"),
     model_manifest("tp2", tensorParallelSize=2),
 ]
-
-
-def chat(model: str) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
 @asynccontextmanager
@@ -116,7 +113,7 @@ async def test_two_deployments_serve_two_models_at_once_and_a_third_evicts_the_l
     ):
         with anyio.fail_after(60):
             for name in ("small-a", "small-b"):
-                r = await http.post("/v1/chat/completions", json=chat(name))
+                r = await http.post("/v1/chat/completions", json=chat(name, max_tokens=4))
                 assert r.status_code == 200 and r.json()["model"] == name
             # One per Deployment: the smallest slot that fits first, then the other.
             assert served_by(cluster, "vllm") == "small-a"
@@ -125,11 +122,11 @@ async def test_two_deployments_serve_two_models_at_once_and_a_third_evicts_the_l
             assert states["small-a"] == states["small-b"] == "loaded"
             # Both answer, each from its own Deployment, with no switch in between.
             for name in ("small-a", "small-b"):
-                r = await http.post("/v1/chat/completions", json=chat(name))
+                r = await http.post("/v1/chat/completions", json=chat(name, max_tokens=4))
                 assert r.status_code == 200 and r.json()["model"] == name
 
             # A third model: no slot is free; small-a is the least recently used idle one.
-            r = await http.post("/v1/chat/completions", json=chat("small-c"))
+            r = await http.post("/v1/chat/completions", json=chat("small-c", max_tokens=4))
             assert r.status_code == 200 and r.json()["model"] == "small-c"
             assert served_by(cluster, "vllm") == "small-c"
             assert served_by(cluster, "vllm-big") == "small-b"
@@ -142,7 +139,7 @@ async def test_two_deployments_serve_two_models_at_once_and_a_third_evicts_the_l
             assert cluster.model_status("small-c")["phase"] == "Ready"
 
             # A TP=2 model fits only the 2-GPU Deployment: small-b gives way there.
-            r = await http.post("/v1/chat/completions", json=chat("tp2"))
+            r = await http.post("/v1/chat/completions", json=chat("tp2", max_tokens=4))
             assert r.status_code == 200 and r.json()["model"] == "tp2"
             assert served_by(cluster, "vllm-big") == "tp2"
             assert served_by(cluster, "vllm") == "small-c"
@@ -154,7 +151,9 @@ async def test_a_restarted_proxy_adopts_what_each_deployment_runs() -> None:
         httpx.AsyncClient(base_url=url, timeout=60) as http,
     ):
         for name in ("small-a", "small-b"):
-            assert (await http.post("/v1/chat/completions", json=chat(name))).status_code == 200
+            assert (
+                await http.post("/v1/chat/completions", json=chat(name, max_tokens=4))
+            ).status_code == 200
         slots = [
             K8sDeploymentBackend(
                 cluster.api_client, namespace=cluster.namespace, deployment=d, upstream=u

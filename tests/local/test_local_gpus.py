@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from tests.local.local_helpers import Tracker, standin_command
-from tests.reliability.helpers import Stack, chat, proxy_stack
+from tests.reliability.helpers import Stack, proxy_stack
+from tests.support import chat
 from vllm_chill._model import VLLMModel
 from vllm_chill.backends.local._backend import LocalProcessBackend
 from vllm_chill.backends.local._gpus import discover_gpus

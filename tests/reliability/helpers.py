@@ -29,6 +29,10 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from tests.configs import make_settings
 from tests.servers import serve
+
+# Re-exported: some suites still import these two from here (they live in tests.support).
+from tests.support import chat as chat  # noqa: PLC0414
+from tests.support import spec as spec  # noqa: PLC0414
 from vllm_chill import FakeBackend, ModelSwitchMiddleware, StaticRegistry, VLLMModel
 from vllm_chill.backends._base import Backend
 from vllm_chill.backends.sim._app import SimApp
@@ -85,16 +89,6 @@ DOCUMENTED_5XX = frozenset(
 )
 #: What uvicorn itself answers to bytes that are not HTTP (before any application code runs).
 SERVER_PARSE_ERROR = b"Invalid HTTP request received."
-
-
-def spec(served: str, model_name: str | None = None, **extra: Any) -> VLLMModel:
-    return VLLMModel.from_spec(
-        {"modelName": model_name or f"org/{served}", "servedModelName": served, **extra}
-    )
-
-
-def chat(model: Any, **extra: Any) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
 
 
 # --- the raw client ---------------------------------------------------------------------------

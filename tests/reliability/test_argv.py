@@ -24,9 +24,10 @@ from tests.local.local_helpers import (
     standin_command,
     tracked_processes,
 )
+from tests.support import chat
 from vllm_chill.backends.local._backend import LocalProcessBackend
 
-from .helpers import chat, proxy_stack
+from .helpers import proxy_stack
 
 pytestmark = pytest.mark.anyio
 

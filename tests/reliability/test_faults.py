@@ -23,6 +23,7 @@ import aiohttp
 import anyio
 import pytest
 
+from tests.support import chat, spec
 from vllm_chill import FakeBackend
 from vllm_chill.backends.sim._backend import SimBackend
 
@@ -32,10 +33,8 @@ from .helpers import (
     Snapshot,
     assert_no_leak,
     build_request,
-    chat,
     proxy_stack,
     send_raw,
-    spec,
 )
 
 pytestmark = pytest.mark.anyio

@@ -20,6 +20,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tests.support import chat, spec
+
 from .helpers import (
     MODELS,
     OPERATOR_PATHS,
@@ -29,7 +31,6 @@ from .helpers import (
     Stack,
     assert_no_leak,
     build_request,
-    chat,
     check_reply,
     chunked,
     loosely_routed_path,
@@ -37,7 +38,6 @@ from .helpers import (
     proxy_stack,
     routed_path,
     send_raw,
-    spec,
 )
 
 pytestmark = pytest.mark.anyio

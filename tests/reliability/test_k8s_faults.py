@@ -25,10 +25,11 @@ import yaml
 
 from tests.k8s.cluster import CRASH_LOOP, SCALE_UP, Cluster, model_manifest, simulated_cluster
 from tests.k8s.emulator import DEPLOYMENTS
+from tests.support import chat
 from vllm_chill.backends.kubernetes import K8sDeploymentBackend
 from vllm_chill.registries import CRDRegistry
 
-from .helpers import Reply, Snapshot, Stack, assert_no_leak, chat, openai_error, proxy_stack
+from .helpers import Reply, Snapshot, Stack, assert_no_leak, openai_error, proxy_stack
 
 pytestmark = pytest.mark.anyio
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import gc
 import json
 import resource
-import socket
 import subprocess
 import sys
 import threading
@@ -36,9 +35,10 @@ import httpx
 import pytest
 from anyio.streams.text import TextReceiveStream
 
+from tests.support import free_port, spec
 from vllm_chill import FakeBackend
 
-from .helpers import MODELS, open_fds, proxy_stack, rss_bytes, spec
+from .helpers import MODELS, open_fds, proxy_stack, rss_bytes
 
 pytestmark = [pytest.mark.anyio, pytest.mark.load, pytest.mark.slow]
 
@@ -127,12 +127,6 @@ class GcPauses:
             self._started = time.perf_counter()
         else:
             self.pauses.append(time.perf_counter() - self._started)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @asynccontextmanager

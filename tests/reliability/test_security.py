@@ -30,6 +30,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.local.local_helpers import make_model, standin_command
+from tests.support import chat, free_port, spec
 from vllm_chill import FakeBackend
 from vllm_chill.backends.local._backend import LocalProcessBackend
 
@@ -38,12 +39,10 @@ from .helpers import (
     Reply,
     Stack,
     build_request,
-    chat,
     openai_error,
     proxy_stack,
     recording_sim,
     send_raw,
-    spec,
 )
 
 pytestmark = pytest.mark.anyio
@@ -336,7 +335,7 @@ async def test_no_secret_in_the_served_processes_output(log_format: str, tmp_pat
             ]
         )
     )  # fmt: skip
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "VLLM_CHILL_API_KEY": KEYS[0],
@@ -396,14 +395,6 @@ async def _drain(stream: Any, into: bytearray) -> None:
     with contextlib.suppress(anyio.EndOfStream, anyio.ClosedResourceError):
         while True:
             into += await stream.receive()
-
-
-def _free_port() -> int:
-    import socket  # noqa: PLC0415
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- the example deployment -------------------------------------------------------------------
