@@ -452,7 +452,8 @@ async def test_a_bad_environment_fails_lifespan_startup_with_one_line() -> None:
     assert sent == [
         {
             "type": "lifespan.startup.failed",
-            "message": "argument --models: required with the sim backend",
+            "message": "argument --models: required with the sim backend (or --registry "
+            "kubernetes)",
         }
     ]
     assert app.middleware is None

@@ -11,7 +11,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.reliability.helpers import chat, proxy_stack
+from tests.reliability.helpers import proxy_stack
+from tests.support import chat
 from vllm_chill.backends.sim import SimBackend
 from vllm_chill.registries._files import read_models
 

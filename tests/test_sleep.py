@@ -9,7 +9,8 @@ import time
 import anyio
 import pytest
 
-from tests.reliability.helpers import chat, proxy_stack, spec
+from tests.reliability.helpers import proxy_stack
+from tests.support import chat, spec
 from vllm_chill.backends.sim import SimBackend
 from vllm_chill.scheduler._refusals import ModelLoading
 

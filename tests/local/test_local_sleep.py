@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from tests.local.local_helpers import Tracker, is_live, standin_command
-from tests.reliability.helpers import Stack, chat, proxy_stack
+from tests.reliability.helpers import Stack, proxy_stack
+from tests.support import chat
 from vllm_chill._model import VLLMModel
 from vllm_chill.backends.local._backend import LocalProcessBackend
 

@@ -10,7 +10,8 @@ import pytest
 
 from tests.k8s.cluster import model_manifest, simulated_cluster
 from tests.local.local_helpers import Tracker, standin_command
-from tests.reliability.helpers import chat, proxy_stack
+from tests.reliability.helpers import proxy_stack
+from tests.support import chat
 from vllm_chill._build import build_middleware
 from vllm_chill.backends.local._backend import LocalProcessBackend
 from vllm_chill.registries._kubernetes import CRDRegistry

@@ -29,10 +29,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from tests.configs import make_settings
 from tests.servers import serve
-
-# Re-exported: some suites still import these two from here (they live in tests.support).
-from tests.support import chat as chat  # noqa: PLC0414
-from tests.support import spec as spec  # noqa: PLC0414
+from tests.support import spec
 from vllm_chill import FakeBackend, ModelSwitchMiddleware, StaticRegistry, VLLMModel
 from vllm_chill.backends._base import Backend
 from vllm_chill.backends.sim._app import SimApp
