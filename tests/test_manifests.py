@@ -142,13 +142,18 @@ def test_crd_status_subresource_and_printer_columns() -> None:
     assert status["phase"]["enum"] == ["Pending", "Loading", "Ready", "Failed", "Unloaded"]
     assert status["message"]["type"] == "string"
     assert status["lastUpdated"] == {"type": "string", "format": "date-time"}
+    assert status["deployment"]["type"] == "string"
     columns = {c["name"]: (c["type"], c["jsonPath"]) for c in version["additionalPrinterColumns"]}
     assert columns == {
         "Model": ("string", ".spec.modelName"),
         "Served-Name": ("string", ".spec.servedModelName"),
         "Status": ("string", ".status.phase"),
+        "Deployment": ("string", ".status.deployment"),
+        "Message": ("string", ".status.message"),
         "Age": ("date", ".metadata.creationTimestamp"),
     }
+    wide_only = {c["name"] for c in version["additionalPrinterColumns"] if c.get("priority")}
+    assert wide_only == {"Message"}
 
 
 def test_crd_spec_fields_are_exactly_the_rules_table() -> None:

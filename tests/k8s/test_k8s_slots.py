@@ -136,7 +136,14 @@ async def test_two_deployments_serve_two_models_at_once_and_a_third_evicts_the_l
                 "small-c": ["vllm"],
             }
             assert status["evictions"][0]["model"] == "small-a"
-            assert cluster.model_status("small-c")["phase"] == "Ready"
+            # `kubectl get vllm` shows each model's state and the Deployment it runs in.
+            await cluster.wait_for(lambda: cluster.model_status("small-c").get("phase") == "Ready")
+            assert cluster.model_status("small-c")["deployment"] == "vllm"
+            assert cluster.model_status("small-b")["deployment"] == "vllm-big"
+            await cluster.wait_for(
+                lambda: cluster.model_status("small-a").get("phase") == "Unloaded"
+            )
+            assert "deployment" not in cluster.model_status("small-a")
 
             # A TP=2 model fits only the 2-GPU Deployment: small-b gives way there.
             r = await http.post("/v1/chat/completions", json=chat("tp2", max_tokens=4))

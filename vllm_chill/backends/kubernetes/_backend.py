@@ -180,7 +180,9 @@ class K8sDeploymentBackend:
         self._root_mismatch_timeout = root_mismatch_timeout
         #: Models whose last load failed here: their `Failed` status stays until they load.
         self._failed: set[str] = set()
-        self._reporter = Reporter(api_client, namespace, instance=self._instance)
+        self._reporter = Reporter(
+            api_client, namespace, instance=self._instance, deployment=deployment
+        )
         self._http: httpx.AsyncClient | None = None
         self._in_session = False
         self._on_lost: LostCallback | None = None

@@ -74,11 +74,15 @@ class Reporter:
     ran holds nothing open.
     """
 
-    def __init__(self, api_client: Any, namespace: str, *, instance: str) -> None:
+    def __init__(
+        self, api_client: Any, namespace: str, *, instance: str, deployment: str | None = None
+    ) -> None:
+        """`deployment`: where the models it reports on run (`status.deployment`)."""
         self._custom = k8s_client.CustomObjectsApi(api_client)
         self._core = k8s_client.CoreV1Api(api_client)
         self._namespace = namespace
         self._instance = instance
+        self._deployment = deployment
         self._send: MemoryObjectSendStream[_Job] | None = None
         self._forbidden: set[str] = set()
         self._pending = 0
@@ -145,7 +149,16 @@ class Reporter:
                 await self._idle.wait()
 
     async def _write_status(self, name: str, phase: Phase, message: str) -> None:
-        body = {"status": {"phase": phase, "message": message, "lastUpdated": now_iso()}}
+        # Where it runs (a merge patch with null removes it once it runs nowhere).
+        where = None if phase == "Unloaded" else self._deployment
+        body = {
+            "status": {
+                "phase": phase,
+                "message": message,
+                "deployment": where,
+                "lastUpdated": now_iso(),
+            }
+        }
         try:
             await call(
                 self._custom.patch_namespaced_custom_object_status,
