@@ -125,9 +125,10 @@ class Proxy:
 
     def _read(self) -> None:
         assert self.popen.stderr is not None
-        for line in self.popen.stderr:
-            self.lines.append(line)
-            self._new.put(line)
+        with self.popen.stderr:  # closed at EOF: no pipe is left open (warnings are errors)
+            for line in self.popen.stderr:
+                self.lines.append(line)
+                self._new.put(line)
         self._new.put(None)
 
     def _wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
