@@ -14,12 +14,14 @@ from vllm_chill.scheduler._core import (
     Busy,
     Cut,
     Effect,
+    Failure,
     Hold,
     Phase,
     Refuse,
     Release,
     StartLoad,
     StartUnload,
+    StartWake,
     SwitchCore,
 )
 
@@ -329,3 +331,56 @@ def test_retry_after_counts_the_load_in_progress_when_loads_go_one_at_a_time() -
     decision, effects = core.arrive("b", 10.0, hold=False, demand=WHOLE)
     assert started(effects) == {}  # GPU 1 is free, but one load at a time
     assert decision == Busy(retry_after=20 + 30)
+
+
+# --- found in review ----------------------------------------------------------------------------
+
+
+def test_a_request_held_as_its_models_turn_ends_loads_it_again_after_the_switch() -> None:
+    """Asked for once its window ended, a model queues behind the one it gives way to: its
+    held request is served when it comes back, not stranded."""
+    core = pool("0", min_residency=5.0)
+    serve(core, "a", WHOLE, 10.0)  # window until 15
+    assert core.arrive("a", 11.0, hold=False)[0] == Admit()  # in flight on a
+    core.arrive("b", 12.0, hold=False, demand=WHOLE)  # waits for a's window
+    decision, _ = core.arrive("a", 16.0, hold=True, demand=WHOLE)  # a's turn is over
+    assert isinstance(decision, Hold)
+    assert "a" in core.queue
+    effects = core.finish("a", 16.5)  # a drained: b loads in its place
+    assert started(effects)["b"].replacing == ("a",)
+    core.load_done("b", 40.0)
+    # Nobody uses b: after the quiet gap it gives way to a, which was waiting.
+    effects = core.tick(45.0) + core.tick(200.0)
+    loads = [e for e in effects if isinstance(e, StartLoad)]
+    assert [e.model for e in loads] == ["a"]
+    released = core.load_done("a", 210.0)
+    assert Release("a", (decision.waiter,)) in released
+    assert core.waiting_total == 0
+
+
+def test_a_model_asked_for_as_its_turn_ends_is_served_if_nothing_needs_its_place() -> None:
+    core = pool("0", min_residency=5.0)
+    serve(core, "a", WHOLE, 10.0)
+    assert core.arrive("a", 11.0, hold=False)[0] == Admit()
+    _, _ = core.arrive("b", 12.0, hold=False, demand=WHOLE)
+    core.failures["b"] = Failure("gone", 12.5, 1000.0, 1)  # b cannot load any more
+    assert core.arrive("a", 16.0, hold=True, demand=WHOLE)[0] == Admit()
+    assert core.queue == {} and core.waiting_total == 0
+
+
+def test_the_sleep_budget_never_stops_the_model_being_woken() -> None:
+    sleeper = Demand(1, 0.9, can_sleep=True)
+    core = pool("0", max_sleeping=1, min_residency=0.0, quiet_gap=0.0)
+    serve(core, "a", sleeper, 10.0)
+    core.arrive("b", 20.0, hold=True, demand=sleeper)
+    core.sleep_done("a", 21.0)
+    core.load_done("b", 30.0)
+    core.finish("b", 30.0)
+    core.arrive("a", 40.0, hold=True, demand=sleeper)  # b sleeps for a to wake
+    effects = core.sleep_done("b", 41.0)
+    # Two asleep for a moment; the one to go is not a, which wakes now.
+    assert [e for e in effects if isinstance(e, StartWake)] == [
+        StartWake("a", Placement(("0",), 0.9))
+    ]
+    assert not [e for e in effects if isinstance(e, StartLoad)]
+    assert core.phase_of("a") is Phase.WAKING

@@ -538,6 +538,10 @@ class SwitchCore:
         self._redeem(model, now, client)
         self._want(model, need)
         self._pump(now, effects)
+        if self.is_serving(model) and model not in self.queue:
+            # It was asked for as its turn ended, and nothing needs its place any more.
+            self.inflight[model] = self.inflight.get(model, 0) + 1
+            return _ADMIT, effects
         if not hold:
             return Busy(self.promise(model, now, client)), effects
         if self.waiting_total >= self.max_waiting:
@@ -963,12 +967,30 @@ class SwitchCore:
     def _pump(self, now: float, effects: list[Effect], *, place: bool = True) -> None:
         """Advance as far as the state allows; called after every event."""
         self._drop_failed_from_queue(now, effects)
-        on_its_way = (_READY, Phase.LOADING, Phase.WAKING)
+        on_its_way = (Phase.LOADING, Phase.WAKING)
         for model in [m for m in self.queue if self.phase_of(m) in on_its_way]:
-            del self.queue[model]  # already there (or on its way)
+            del self.queue[model]  # on its way: its waiters are released when it is ready
         claimed = self._place_queue(now, effects) if place else set()
+        self._serve_queued_ready(claimed, effects)
         self._idle_unloads(now, effects, claimed)
         self._drains(now, effects)
+
+    def _serve_queued_ready(self, claimed: set[str], effects: list[Effect]) -> None:
+        """A ready model can be in the queue: asked for once its turn was over (rule 4), it
+        queues to load again after the models it gives way to. While it is still chosen to
+        give way it stays queued; once nothing needs its place any more, it simply serves its
+        waiters now."""
+        for model in list(self.queue):
+            resident = self.residents.get(model)
+            if resident is None or resident.phase is not _READY or model in claimed:
+                continue
+            del self.queue[model]
+            self.forced.pop(model, None)
+            waiters = tuple(self.waiters.pop(model, {}))
+            if waiters:
+                self.waiting_total -= len(waiters)
+                self.inflight[model] = self.inflight.get(model, 0) + len(waiters)
+                effects.append(Release(model, waiters))
 
     def _place_queue(self, now: float, effects: list[Effect]) -> set[str]:
         """Start what fits; choose, and when their turn is over drain, what must give way.
@@ -1122,6 +1144,9 @@ class SwitchCore:
                 continue
             if any(overlaps(pending.placement, p) for p in loading):
                 continue  # loads never share a GPU: it starts when that one is done
+            sleeper = self.residents.get(model)
+            if sleeper is not None and sleeper.phase is not Phase.ASLEEP:
+                continue  # its own old process is still going away: it loads once gone
             replaced = tuple(v for v in pending.victims if self.phase_of(v) is Phase.DRAINING)
             for victim in replaced:
                 del self.residents[victim]
@@ -1130,8 +1155,7 @@ class SwitchCore:
                     self.residents[victim].making_room_for = None
             del self.pending[model]
             # Requests for the old models that arrived while draining stay queued behind.
-            sleeper = self.residents.get(model)
-            if pending.wake and sleeper is not None and sleeper.phase is Phase.ASLEEP:
+            if pending.wake and sleeper is not None:
                 self._start_wake(sleeper, now, effects)
             else:
                 self._start_load(
@@ -1192,7 +1216,12 @@ class SwitchCore:
     def _keep_sleep_budget(self, now: float, effects: list[Effect]) -> None:
         """Over `max_sleeping` or `sleep_memory`, the least recently used sleepers stop."""
         asleep = sorted(
-            (r for r in self.residents.values() if r.phase is Phase.ASLEEP),
+            # Not one that is about to wake: room is being made for it.
+            (
+                r
+                for r in self.residents.values()
+                if r.phase is Phase.ASLEEP and r.model not in self.pending
+            ),
             key=lambda r: r.last_used,
         )
         memory = sum(r.memory or 0 for r in asleep)
