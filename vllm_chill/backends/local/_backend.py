@@ -43,7 +43,7 @@ import socket
 import subprocess
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NoReturn
@@ -566,13 +566,11 @@ async def _wait_group_gone(pgid: int) -> None:
         delay = min(delay * 2, 0.2)
 
 
-def _group_rss(pgid: int) -> int:
-    """Resident memory of every process of a process group, in bytes (Linux; 0 elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return 0
-    page = os.sysconf("SC_PAGE_SIZE")
-    total = 0
-    with os.scandir("/proc") as entries:
+def _group_stats(pgid: int) -> Generator[list[bytes], None, None]:
+    """The `/proc/<pid>/stat` fields after the command name of every process in a process
+    group (Linux): state, ppid, pgrp, ... The command name may contain anything, even ") ",
+    so the fields start after its last ")"."""
+    with os.scandir("/proc") as entries:  # closed when the caller closes this generator too
         for entry in entries:
             if not entry.name.isdigit():
                 continue
@@ -580,12 +578,19 @@ def _group_rss(pgid: int) -> int:
                 with open(f"/proc/{entry.name}/stat", "rb") as stat_file:
                     stat = stat_file.read()
             except OSError:
-                continue
+                continue  # exited while we looked
             fields = stat[stat.rfind(b")") + 2 :].split()
-            # state, ppid, pgrp, ... and rss (pages) is field 24 of stat: index 21 here.
-            if len(fields) > 21 and int(fields[2]) == pgid:
-                total += int(fields[21]) * page
-    return total
+            if len(fields) > 2 and int(fields[2]) == pgid:
+                yield fields
+
+
+def _group_rss(pgid: int) -> int:
+    """Resident memory of every process of a process group, in bytes (Linux; 0 elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    # rss (pages) is field 24 of stat: index 21 after the command name.
+    return sum(int(f[21]) * page for f in _group_stats(pgid) if len(f) > 21)
 
 
 def _group_has_live_members(pgid: int) -> bool:
@@ -597,21 +602,11 @@ def _group_has_live_members(pgid: int) -> bool:
         except PermissionError:
             return True
         return True
-    with os.scandir("/proc") as entries:  # closed on the early return too
-        for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat", "rb") as stat_file:
-                    stat = stat_file.read()
-            except OSError:
-                continue  # exited while we looked
-            # Fields after the command name (which may contain anything, even ") "): state,
-            # ppid, pgrp, ...
-            fields = stat[stat.rfind(b")") + 2 :].split()
-            if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-                return True
-    return False
+    stats = _group_stats(pgid)
+    try:
+        return any(fields[0] not in (b"Z", b"X") for fields in stats)
+    finally:
+        stats.close()  # ends the /proc scan now, not when the generator is collected
 
 
 # -- secrets ---------------------------------------------------------------------------------
