@@ -55,6 +55,7 @@ from anyio.abc import Process, TaskGroup
 from vllm_chill._model import VLLMModel
 from vllm_chill._placement import Capacity, GpuPool, Placement, SingleSlot
 from vllm_chill.backends._base import LoadedModel, LoadError, LostCallback, ProgressCallback
+from vllm_chill.backends._sleep_api import is_sleeping, post_sleep, post_wake
 from vllm_chill.backends.local._command import DEFAULT_COMMAND, CommandTemplate
 from vllm_chill.observability._logs import get_logger
 from vllm_chill.observability._redact import SECRET_FLAG
@@ -213,9 +214,7 @@ class LocalProcessBackend:
         of the server's whole process group once asleep: the host RAM its weights now hold."""
         server = self._servers[model]
         async with self._dev_client(server) as client:
-            answer = await client.post("/sleep", params={"level": level, "mode": "wait"})
-            if answer.status_code != 200:
-                raise LoadError(f"/sleep answered {answer.status_code}: {answer.text[:200]}")
+            await post_sleep(client, level)
             await self._until_sleeping(server, client, sleeping=True)
         self.asleep.add(model)
         memory = await anyio.to_thread.run_sync(_group_rss, server.pgid)
@@ -226,9 +225,7 @@ class LocalProcessBackend:
         server = self._servers[model]
         progress("waking")
         async with self._dev_client(server) as client:
-            answer = await client.post("/wake_up")
-            if answer.status_code != 200:
-                raise LoadError(f"/wake_up answered {answer.status_code}: {answer.text[:200]}")
+            await post_wake(client)
             await self._until_sleeping(server, client, sleeping=False)
             progress("waiting for /v1/models")
             await self._poll(server, lambda: _lists_model(client, server))
@@ -247,10 +244,7 @@ class LocalProcessBackend:
         self, server: _Server, client: httpx.AsyncClient, *, sleeping: bool
     ) -> None:
         async def settled() -> bool:
-            answer = await client.get("/is_sleeping")
-            if answer.status_code == 404:
-                raise LoadError("the server has no /is_sleeping: not in vLLM's development mode")
-            return bool(answer.json().get("is_sleeping")) is sleeping
+            return await is_sleeping(client) is sleeping
 
         await self._poll(server, settled)
 

@@ -31,6 +31,7 @@ import httpx
 from vllm_chill._model import VLLMModel
 from vllm_chill._placement import Capacity, GpuPool, Placement, SingleSlot
 from vllm_chill.backends._base import LoadedModel, LoadError, LostCallback, ProgressCallback
+from vllm_chill.backends._sleep_api import is_sleeping, post_sleep, post_wake
 from vllm_chill.backends.sim._server import SimModelServer
 from vllm_chill.observability._logs import get_logger
 from vllm_chill.settings._schema import SimSettings
@@ -159,10 +160,8 @@ class SimBackend:
         `/is_sleeping` until it says so. The simulator holds no host memory worth counting."""
         server = self._servers[model]
         async with self._client(server) as client:
-            answer = await client.post("/sleep", params={"level": level, "mode": "wait"})
-            if answer.status_code != 200:
-                raise LoadError(f"/sleep answered {answer.status_code}: {answer.text[:200]}")
-            if not (await client.get("/is_sleeping")).json().get("is_sleeping"):
+            await post_sleep(client, level)  # answers once asleep
+            if not await is_sleeping(client):
                 raise LoadError("/is_sleeping says it is awake after /sleep")
         self.asleep.add(model)
         return None
@@ -171,10 +170,8 @@ class SimBackend:
         server = self._servers[model]
         progress("waking")
         async with self._client(server) as client:
-            answer = await client.post("/wake_up")
-            if answer.status_code != 200:
-                raise LoadError(f"/wake_up answered {answer.status_code}: {answer.text[:200]}")
-            if (await client.get("/is_sleeping")).json().get("is_sleeping"):
+            await post_wake(client)  # answers once awake
+            if await is_sleeping(client):
                 raise LoadError("/is_sleeping says it still sleeps after /wake_up")
             models = await client.get("/v1/models")
             if models.status_code != 200:
