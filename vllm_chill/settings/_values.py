@@ -94,24 +94,23 @@ def listen_port(text: str) -> int:
     return port(text)
 
 
-def positive_int(text: str) -> int:
+def _integer(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be at least 1")
+    if value < minimum:
+        least = "at least 1" if minimum == 1 else f"{minimum} or more"
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be {least}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _integer(text, 1)
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be 0 or more")
-    return value
+    return _integer(text, 0)
 
 
 def gpu_share(text: str) -> float:
