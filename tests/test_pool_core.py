@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_chill._placement import Demand, GpuPool, Placement, SingleSlot, Slots, plan_eviction
+from tests.support import switch_core
+from vllm_chill._placement import (
+    Capacity,
+    Demand,
+    GpuPool,
+    Placement,
+    SingleSlot,
+    Slots,
+    plan_eviction,
+)
 from vllm_chill.scheduler._core import (
     Admit,
     Busy,
@@ -30,22 +39,11 @@ WHOLE = Demand(1, 1.0)
 PAIR = Demand(2, 1.0)
 
 
-def pool(*gpus: str, **kw: float) -> SwitchCore:
-    policy: dict[str, float] = dict(
-        max_waiting=100,
-        min_residency=5.0,
-        quiet_gap=0.5,
-        drain_timeout=60.0,
-        idle_timeout=0.0,
-        failure_backoff=10.0,
-        failure_backoff_max=300.0,
-        first_load_estimate=30.0,
-        sleep_reserve=0.02,
-        max_sleeping=0,
-        sleep_memory=0,
+def pool(*gpus: str, capacity: Capacity | None = None, **kw: float) -> SwitchCore:
+    """The tests' core on `gpus` (default two), with no idle timeout unless given."""
+    return switch_core(
+        **{"idle_timeout": 0.0, **kw}, capacity=capacity or GpuPool(gpus or ("0", "1"))
     )
-    policy.update(kw)
-    return SwitchCore(**policy, capacity=GpuPool(gpus or ("0", "1")))  # type: ignore[arg-type]
 
 
 def started(effects: list[Effect]) -> dict[str, StartLoad]:
@@ -266,20 +264,7 @@ def test_a_failed_load_frees_its_place_only_once_cleaned_up() -> None:
 
 
 def test_exclusive_slots_take_the_smallest_that_fits() -> None:
-    core = SwitchCore(
-        max_waiting=10,
-        min_residency=0.0,
-        quiet_gap=0.5,
-        drain_timeout=60.0,
-        idle_timeout=0.0,
-        failure_backoff=10.0,
-        failure_backoff_max=300.0,
-        first_load_estimate=30.0,
-        sleep_reserve=0.02,
-        max_sleeping=0,
-        sleep_memory=0,
-        capacity=Slots({"big": 4, "small": 1}),
-    )
+    core = pool(capacity=Slots({"big": 4, "small": 1}), min_residency=0.0)
     _, effects = core.arrive("tiny", 0.0, hold=False, demand=Demand(1, 0.2))
     assert started(effects)["tiny"].placement == Placement(("small",))
     core.load_done("tiny", 1.0)

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from tests.support import switch_core
 from vllm_chill._placement import Placement
 from vllm_chill.scheduler._core import (
     Admit,
@@ -30,21 +31,7 @@ SLOT = Placement(("0",))
 
 
 def make(**kw: float) -> SwitchCore:
-    defaults = dict(
-        max_waiting=100,
-        min_residency=5.0,
-        quiet_gap=0.5,
-        drain_timeout=60.0,
-        idle_timeout=300.0,
-        failure_backoff=10.0,
-        failure_backoff_max=300.0,
-        first_load_estimate=FIRST_LOAD_ESTIMATE,
-        sleep_reserve=0.02,
-        max_sleeping=0,
-        sleep_memory=0,
-    )
-    defaults.update(kw)
-    return SwitchCore(**defaults)  # type: ignore[arg-type]
+    return switch_core(**{"first_load_estimate": FIRST_LOAD_ESTIMATE, **kw})
 
 
 def loads(effects: list[Effect]) -> list[str]:

@@ -509,7 +509,8 @@ class SwitchCore:
     ) -> tuple[Decision, list[Effect]]:
         """A request for `model` (known to the registry) arrived from `client` (its address,
         when known: it is what tells a client coming back from a new one). `demand` is what
-        the model needs of the capacity (default: one whole GPU)."""
+        the model needs of the capacity (default: what it was loaded with when resident, else
+        one whole GPU)."""
         resident = self.residents.get(model)
         if resident is not None and resident.phase is _READY:
             resident.last_user = client
@@ -527,7 +528,7 @@ class SwitchCore:
         failure = self.failures.get(model)
         if failure is not None and now < failure.until:
             return Refuse(failure.reason, _whole_seconds(failure.until - now)), []
-        need = demand or Demand()
+        need = demand or (resident.demand if resident is not None else Demand())
         if not self.fits(need):
             free = ", ".join(f"{unit}={share:g}" for unit, share in self.free_capacity().items())
             return Refuse(

@@ -231,8 +231,10 @@ class Switcher:
         `client` (the caller's address) lets a 503's promise be kept per client."""
         if not self.running:
             raise NotRunning(model)
+        # A model serving already has its need on record: no lookup on the common path.
+        demand = None if self.core.is_serving(model) else self._demand(model)
         decision, effects = self.core.arrive(
-            model, self.clock(), hold=hold > 0, client=client, demand=self._demand(model)
+            model, self.clock(), hold=hold > 0, client=client, demand=demand
         )
         if type(decision) is Admit:
             if effects:  # the common case has none, and no deadline moved earlier
