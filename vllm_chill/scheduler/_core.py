@@ -135,10 +135,6 @@ class StartLoad:
     placement: Placement
     replacing: tuple[str, ...] = ()
 
-    @property
-    def previous(self) -> str | None:
-        return self.replacing[0] if self.replacing else None
-
 
 @dataclass(frozen=True)
 class StartUnload:
