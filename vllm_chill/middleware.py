@@ -21,6 +21,9 @@ import anyio
 import anyio.abc
 
 from vllm_chill._model import VLLMModel
+from vllm_chill.admin._events import stream_events
+from vllm_chill.admin._page import is_ui, serve_page
+from vllm_chill.admin._view import status_view
 from vllm_chill.backends._base import Backend
 from vllm_chill.http._asgi import (
     ASGIApp,
@@ -33,7 +36,13 @@ from vllm_chill.http._asgi import (
     send_text,
 )
 from vllm_chill.http._errors import error_response
-from vllm_chill.http._extract import BadRequest, model_from_json, model_from_multipart
+from vllm_chill.http._extract import (
+    BadRequest,
+    model_and_stream,
+    model_from_json,
+    model_from_multipart,
+)
+from vllm_chill.http._progress import STREAM_PATHS, HeldStream
 from vllm_chill.http._upstream import (
     UpstreamAborted,
     UpstreamClient,
@@ -203,6 +212,19 @@ def _peer(scope: Scope) -> str | None:
     return str(client[0]) if client else None
 
 
+async def _shutting_down(send: Send) -> None:
+    """The answer to a request that the server gave up waiting for as it stops."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+        await error_response(
+            send, 503, "not_ready", "vllm-chill is shutting down; retry shortly.", retry_after=5
+        )
+
+
+def _answer(exchange: _Exchange, held: HeldStream | None) -> Send:
+    """Where the answer proper goes: through the held stream once its 200 went out."""
+    return held.send if held is not None and held.started else exchange.send
+
+
 def _from_loopback(scope: Scope) -> bool:
     client = scope.get("client")
     if not client:
@@ -258,6 +280,11 @@ class ModelSwitchMiddleware:
         self._max_wait = settings.switching.max_wait
         self._max_body_size = settings.limits.max_body_size
         self._upstream_timeout = settings.upstream.timeout
+        # Held streaming completions get progress (vllm_chill/http/_progress.py).
+        switching = settings.switching
+        self._stream_keepalive = switching.stream_keepalive if self._max_wait > 0 else 0.0
+        self._loading_note = switching.stream_loading_note
+        self._loading_phase = self.switcher.loading_phase
         # Keys are kept and compared as SHA-256 digests: equal lengths, so the comparison's
         # time says nothing about a key's length either.
         self._api_keys = tuple(_digest(k.encode()) for k in settings.security.api_keys)
@@ -266,6 +293,8 @@ class ModelSwitchMiddleware:
         self._transport = transport
         self._upstream: UpstreamTransport | None = transport
         self._created = int(time.time())
+        #: Set when the server is stopping: open event streams end.
+        self._closing = anyio.Event()
         self._routes = self._route_table()
         self._admin_routes = self._admin_table()
 
@@ -282,14 +311,7 @@ class ModelSwitchMiddleware:
                 # for a load, say): answer it ourselves rather than leave it to the server's
                 # plain-text 500.
                 if not exchange.started:
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-                        await error_response(
-                            send,
-                            503,
-                            "not_ready",
-                            "vllm-chill is shutting down; retry shortly.",
-                            retry_after=5,
-                        )
+                    await _shutting_down(send)
                 raise
             except Exception:
                 # A bug of ours: log it here, never show a traceback to the client.
@@ -341,6 +363,7 @@ class ModelSwitchMiddleware:
             try:
                 yield self
             finally:
+                self.end_event_streams()
                 self.switcher.stop()
                 with anyio.CancelScope(shield=True), anyio.move_on_after(SHUTDOWN_TIMEOUT):
                     await self.switcher.stopped.wait()
@@ -419,6 +442,8 @@ class ModelSwitchMiddleware:
             # Any other POST under /v1/ names its model in the body (vLLM grows new endpoints);
             # other methods there belong to the inner app, if any.
             _Route(_is_v1, {"POST": self._proxy}, other_methods="inner"),
+            # The page's files hold no data: served without a token (its data calls need one).
+            _Route(is_ui, {"GET": self._ui, "HEAD": self._ui}, other_methods="405"),
             _Route(_is_admin, None, handler=self._admin),
             _Route(
                 _OWN_EXACT.__contains__,
@@ -467,11 +492,12 @@ class ModelSwitchMiddleware:
         if body is None:
             return
         content_type = header(scope, b"content-type") or b""
+        stream = False
         try:
             if content_type.lower().startswith(b"multipart/form-data"):
                 name = model_from_multipart(body, content_type)
             else:
-                name = model_from_json(body)
+                name, stream = model_and_stream(body)
         except BadRequest as exc:
             await error_response(send, 400, "invalid_request", exc.message, param=exc.param)
             return
@@ -491,7 +517,9 @@ class ModelSwitchMiddleware:
         if model is None:
             await self._model_not_found(send, name)
             return
-        await self._serve(scope, receive, exchange, path=path, model=model, body=body)
+        await self._serve(
+            scope, receive, exchange, path=path, model=model, body=body, stream=stream
+        )
 
     async def _to_served_model(
         self, scope: Scope, receive: Receive, exchange: _Exchange, path: str
@@ -526,44 +554,66 @@ class ModelSwitchMiddleware:
         path: str,
         model: VLLMModel,
         body: bytes,
+        stream: bool = False,
     ) -> None:
         """Hold (if allowed) until the model is ready, then relay; watch for the client
-        leaving the whole time so that its wait or upstream request ends at once."""
+        leaving the whole time so that its wait or upstream request ends at once. A held
+        streaming completion is answered at once and sent the load's progress (`HeldStream`)."""
         name = model.served_model_name
         started = time.monotonic()
         status = 499  # client closed request, unless we learn better
+        held: HeldStream | None = None
+        if stream and self._stream_keepalive and path in STREAM_PATHS:
+            held = HeldStream(
+                exchange.send,
+                name,
+                self._loading_phase,
+                interval=self._stream_keepalive,
+                note=self._loading_note and STREAM_PATHS[path],
+            )
         task = exchange.arm(receive)
         try:
             try:
-                lease = await self.switcher.acquire(name, self._max_wait, _peer(scope))
+                lease = await self.switcher.acquire(
+                    name, self._max_wait, _peer(scope), None if held is None else held.start
+                )
             except Refused as refused:
-                await self._refused(exchange.send, refused)
+                await self._refused(_answer(exchange, held), refused)
                 status = 503
             else:
-                status = await self._relay(scope, exchange, path, body, lease)
+                send = _answer(exchange, held)
+                status = await self._relay(scope, exchange, path, body, lease, send=send)
         except asyncio.CancelledError:
             # Our own interruption (the client left, or the switch cut the request) ends the
             # request here; any other cancellation (shutdown) goes on.
             if exchange.interrupted is None or task.uncancel() > 0:
+                if held is not None and held.started and not held.answered:
+                    await _shutting_down(held.send)  # as its error event
                 raise
             if exchange.interrupted == "cut":
-                status = await self._cut(exchange, name, _peer(scope))
+                status = await self._cut(exchange, name, _peer(scope), held)
         finally:
+            if held is not None:
+                held.stop()
             exchange.disarm()
         metrics = self.metrics.model(name)
         metrics.count(status)
         metrics.duration.observe(time.monotonic() - started)
 
-    async def _cut(self, exchange: _Exchange, name: str, client: str | None) -> int:
+    async def _cut(
+        self, exchange: _Exchange, name: str, client: str | None, held: HeldStream | None
+    ) -> int:
         """The switch's drain timeout ended this request. Before its response started the
-        client gets the same 503 as any request for a switching model; after, the response is
-        left unfinished, so the server aborts the connection rather than pass it off as whole."""
+        client gets the same 503 as any request for a switching model (a held stream: as its
+        error event); after, the response is left unfinished, so the server aborts the
+        connection rather than pass it off as whole."""
         log.warning("request cut by switch drain timeout model=%s", name)
-        if exchange.started:
+        answering = held.answered if held is not None and held.started else exchange.started
+        if answering:
             return 499  # counted as an unfinished response, like a client that left
         retry_after = self.switcher.promise(name, client)
         await error_response(
-            exchange.send,
+            _answer(exchange, held),
             503,
             "model_switching_in_progress",
             f"The request for model '{name}' was stopped: the model is being switched out and "
@@ -575,8 +625,10 @@ class ModelSwitchMiddleware:
         return 503
 
     async def _relay(
-        self, scope: Scope, exchange: _Exchange, path: str, body: bytes, lease: Lease
+        self, scope: Scope, exchange: _Exchange, path: str, body: bytes, lease: Lease, *, send: Send
     ) -> int:
+        """Forward the request on `lease` and relay the answer through `send` (the exchange's,
+        or a held stream's)."""
         gauge = self.metrics.model(lease.model).in_flight
         gauge.inc()
         lease.on_cut = exchange.cut
@@ -586,7 +638,7 @@ class ModelSwitchMiddleware:
             try:
                 return await self._upstream.forward(
                     scope,
-                    exchange.send,
+                    send,
                     base_url=upstream.base_url,
                     path=_upstream_path(scope, path),
                     body=body,
@@ -594,7 +646,7 @@ class ModelSwitchMiddleware:
             except UpstreamUnavailable as exc:
                 log.warning("upstream unavailable model=%s: %s", lease.model, exc)
                 await error_response(
-                    exchange.send,
+                    send,
                     502,
                     "upstream_unavailable",
                     f"The server for model '{lease.model}' is not reachable.",
@@ -603,7 +655,7 @@ class ModelSwitchMiddleware:
             except UpstreamTimeout as exc:
                 log.warning("upstream timeout model=%s: %s", lease.model, exc)
                 await error_response(
-                    exchange.send,
+                    send,
                     504,
                     "upstream_timeout",
                     f"The server for model '{lease.model}' did not answer within "
@@ -765,9 +817,19 @@ class ModelSwitchMiddleware:
             return
         await send_json(send, 200, json.dumps(self._model_entry(model)).encode())
 
+    def end_event_streams(self) -> None:
+        """End every open `/proxy/events` stream now (clients reconnect). A server that waits
+        for open responses before it stops calls this first; `vllm-chill serve` does."""
+        self._closing.set()
+
+    async def _ui(self, scope: Scope, receive: Receive, exchange: _Exchange, path: str) -> None:
+        if not await serve_page(scope, exchange.send, path):
+            await self._not_found(exchange.send, path)
+
     def _admin_table(self) -> dict[tuple[str, str], _Handler]:
         return {
             ("GET", "/proxy/status"): self._admin_status,
+            ("GET", "/proxy/events"): self._admin_events,
             ("GET", "/proxy/models"): self._admin_models,
             ("POST", "/proxy/models/switch"): self._admin_switch,
             ("POST", "/proxy/unload"): self._admin_unload,
@@ -800,6 +862,17 @@ class ModelSwitchMiddleware:
     ) -> None:
         await send_json(exchange.send, 200, json.dumps(self.switcher.status()).encode())
 
+    async def _admin_events(
+        self, scope: Scope, receive: Receive, exchange: _Exchange, path: str
+    ) -> None:
+        await stream_events(
+            receive,
+            exchange.send,
+            view=lambda: status_view(self.switcher, self.registry),
+            changes=self.switcher.changes,
+            closing=self._closing,
+        )
+
     async def _admin_models(
         self, scope: Scope, receive: Receive, exchange: _Exchange, path: str
     ) -> None:
@@ -813,10 +886,26 @@ class ModelSwitchMiddleware:
         self, scope: Scope, receive: Receive, exchange: _Exchange, path: str
     ) -> None:
         send = exchange.send
+        body = await self._read_body(scope, receive, send)
+        if body is None:
+            return
+        name: str | None = None
+        if body.strip():
+            try:
+                name = model_from_json(body)
+            except BadRequest as exc:
+                await error_response(send, 400, "invalid_request", exc.message, param=exc.param)
+                return
+            if name is not None and self.registry.get(name) is None:
+                await self._model_not_found(send, name)
+                return
         if not self.switcher.running:
             await self._refused(send, NotRunning())
-        elif self.switcher.request_unload():
-            await send_json(send, 202, b'{"status":"unloading"}')
+        elif self.switcher.request_unload(name):
+            answer: dict[str, Any] = {"status": "unloading"}
+            if name is not None:
+                answer["model"] = name
+            await send_json(send, 202, json.dumps(answer).encode())
         else:
             await error_response(
                 send, 409, "load_in_progress", "A load is in progress; unload after it ends."

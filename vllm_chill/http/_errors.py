@@ -26,6 +26,26 @@ _TYPES = {
 }
 
 
+def error_object(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    type_: str | None = None,
+    param: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The `error` object itself: `type` defaults to OpenAI's for `status`."""
+    error: dict[str, Any] = {
+        "message": message,
+        "type": type_ or _TYPES.get(status, "api_error"),
+        "code": code,
+        "param": param,
+    }
+    error.update(extra)
+    return error
+
+
 def error_body(
     status: int,
     code: str,
@@ -35,13 +55,7 @@ def error_body(
     param: str | None = None,
     **extra: Any,
 ) -> bytes:
-    error: dict[str, Any] = {
-        "message": message,
-        "type": type_ or _TYPES.get(status, "api_error"),
-        "code": code,
-        "param": param,
-    }
-    error.update(extra)
+    error = error_object(status, code, message, type_=type_, param=param, **extra)
     return json.dumps({"error": error}, separators=(",", ":")).encode()
 
 

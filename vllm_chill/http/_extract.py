@@ -27,6 +27,12 @@ class BadRequest(Exception):
 
 def model_from_json(body: bytes) -> str | None:
     """The top-level `"model"` of a JSON object body; None when the object has none."""
+    return model_and_stream(body)[0]
+
+
+def model_and_stream(body: bytes) -> tuple[str | None, bool]:
+    """The top-level `"model"` of a JSON object body (None when the object has none), and
+    whether the body asks for a stream (`"stream": true`), from the one parse."""
     try:
         data: Any = json.loads(body)
     except RecursionError:
@@ -37,10 +43,10 @@ def model_from_json(body: bytes) -> str | None:
         raise BadRequest("The request body must be a JSON object.")
     model = data.get("model")
     if model is None:
-        return None
+        return None, False
     if not isinstance(model, str):
         raise BadRequest("'model' must be a string.", param="model")
-    return _checked(model)
+    return _checked(model), data.get("stream") is True
 
 
 def model_from_multipart(body: bytes, content_type: bytes) -> str | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from vllm_chill.backends._base import Backend, LoadedModel, LoadError, SleepingB
 from vllm_chill.observability._logs import get_logger
 from vllm_chill.observability._metrics import Metrics
 from vllm_chill.registries._base import ModelRegistry
+from vllm_chill.scheduler._changes import Changes
 from vllm_chill.scheduler._core import (
     Admit,
     Busy,
@@ -41,6 +42,7 @@ from vllm_chill.scheduler._core import (
     StartUnload,
     StartWake,
     SwitchCore,
+    SwitchRecord,
     TooMany,
 )
 from vllm_chill.scheduler._refusals import LoadFailed, ModelLoading, NotRunning, TooManyWaiting
@@ -156,6 +158,8 @@ class Switcher:
         self.loaded: dict[str, LoadedModel] = {}
         #: What each load in progress is doing, as its backend reports it.
         self.progress: dict[str, str] = {}
+        #: Bumped whenever the state shown by `/proxy/status` moves (for event streams).
+        self.changes = Changes()
         self._demands: dict[str, tuple[VLLMModel, Demand]] = {}
         self.running = False
         self._tg: TaskGroup | None = None
@@ -226,9 +230,17 @@ class Switcher:
 
     # --- the request path -----------------------------------------------------------------
 
-    async def acquire(self, model: str, hold: float, client: str | None = None) -> Lease:
+    async def acquire(
+        self,
+        model: str,
+        hold: float,
+        client: str | None = None,
+        on_hold: Callable[[], Awaitable[None]] | None = None,
+    ) -> Lease:
         """An in-flight slot on `model` once it is ready, or a `Refused` saying why not.
-        `client` (the caller's address) lets a 503's promise be kept per client."""
+        `client` (the caller's address) lets a 503's promise be kept per client. `on_hold`
+        is awaited when the request is to be held, before it waits (and counted waiting
+        already: however it ends, the count is handed back once)."""
         if not self.running:
             raise NotRunning(model)
         # A model serving already has its need on record: no lookup on the common path.
@@ -242,7 +254,7 @@ class Switcher:
             return self._lease(model)
         self._apply(effects)  # even with no effects: a switch may be due sooner now
         if isinstance(decision, Hold):
-            return await self._hold(model, decision.waiter, hold, client)
+            return await self._hold(model, decision.waiter, hold, client, on_hold)
         if isinstance(decision, Busy):
             raise self._loading(model, decision.retry_after)
         if isinstance(decision, Refuse):
@@ -262,12 +274,21 @@ class Switcher:
             known = self._demands[name] = (model, demand_of(model, can_sleep=self.can_sleep))
         return known[1]
 
-    async def _hold(self, model: str, waiter_id: int, hold: float, client: str | None) -> Lease:
+    async def _hold(
+        self,
+        model: str,
+        waiter_id: int,
+        hold: float,
+        client: str | None,
+        on_hold: Callable[[], Awaitable[None]] | None = None,
+    ) -> Lease:
         waiter = _Waiter(model)
         self._waiters[waiter_id] = waiter
         gauge = self.metrics.model(model).waiting
         gauge.inc()
         try:
+            if on_hold is not None:
+                await on_hold()
             with anyio.move_on_after(hold):
                 await waiter.event.wait()
         except BaseException:
@@ -324,22 +345,36 @@ class Switcher:
         """The Retry-After for a 503 about `model` answered now (remembered as a promise)."""
         return self.core.promise(model, self.clock(), client)
 
+    def loading_phase(self, model: str) -> str:
+        """What a request held for `model` waits on now: the `phase` its 503 would show
+        ("ready" once the model serves)."""
+        if self.core.is_serving(model):
+            return "ready"
+        return str(self._loading(model, 0).details["phase"])
+
     # --- operator actions -----------------------------------------------------------------
 
     def request_switch(self, model: str) -> ModelState:
         self._apply(self.core.request_switch(model, self.clock(), self._demand(model)))
         return self.core.state_of(model, self.clock())
 
-    def request_unload(self) -> bool:
-        """False when a load is in progress (it is not interrupted)."""
-        if any(r.phase is Phase.LOADING for r in self.core.residents.values()):
+    def request_unload(self, model: str | None = None) -> bool:
+        """Unload every model, or just `model`; False when a load (of that model) is in
+        progress: it is not interrupted."""
+        loading = (Phase.LOADING, Phase.WAKING)
+        if model is None:
+            if any(r.phase in loading for r in self.core.residents.values()):
+                return False
+        elif self.core.phase_of(model) in loading:
             return False
-        self._apply(self.core.request_unload(self.clock()))
+        self._apply(self.core.request_unload(self.clock(), model))
         return True
 
     # --- effects --------------------------------------------------------------------------
 
     def _apply(self, effects: list[Effect]) -> None:
+        if effects:
+            self.changes.bump()
         for effect in effects:
             if isinstance(effect, Release):
                 self._release(effect.model, effect.waiters)
@@ -451,6 +486,7 @@ class Switcher:
             if self.core.phase_of(model) not in (Phase.LOADING, Phase.WAKING):
                 return
             self.progress[model] = phase
+            self.changes.bump()
             log.info(
                 "switch phase=%r model=%s elapsed=%.1fs",
                 phase,
@@ -620,18 +656,9 @@ class Switcher:
     def status(self) -> dict[str, Any]:
         core = self.core
         now = self.clock()
-        record = core.last_switch
-        last: dict[str, Any] | None = None
-        if record is not None:
-            finished = record.finished_at
-            last = {
-                "from": record.from_model,
-                "to": record.to_model,
-                "result": record.result or "in_progress",
-                "kind": record.kind,
-                "duration_seconds": round((finished or now) - record.started_at, 3),
-                "seconds_ago": round(now - record.started_at, 3),
-            }
+        wall = time.time() - now  # monotonic -> wall clock, for the timeline's times
+        switches = [_switch_entry(record, now, wall) for record in reversed(core.switches)]
+        last = switches[0] if switches else None
         active = core.active
         return {
             "active_model": active,
@@ -671,9 +698,29 @@ class Switcher:
             "requests_in_flight": dict(core.inflight),
             "requests_waiting": {m: len(w) for m, w in core.waiters.items()},
             "last_switch": last,
+            "switches": switches,
+            "load_seconds": {m: [round(d, 3) for d in ds] for m, ds in core.durations.items()},
+            "wake_seconds": {m: [round(d, 3) for d in ds] for m, ds in core.wake_durations.items()},
             "failed_models": {
                 m: {"reason": f.reason, "retry_in_seconds": round(f.until - now, 1)}
                 for m, f in core.failures.items()
                 if f.until > now
             },
         }
+
+
+def _switch_entry(record: SwitchRecord, now: float, wall: float) -> dict[str, Any]:
+    """A switch as `/proxy/status` shows it; `wall` turns the core's clock into epoch time."""
+    finished = record.finished_at
+    return {
+        "number": record.number,
+        "from": record.from_model,
+        "to": record.to_model,
+        "result": record.result or "in_progress",
+        "kind": record.kind,
+        "duration_seconds": round((finished or now) - record.started_at, 3),
+        "seconds_ago": round(now - record.started_at, 3),
+        "started_at": round(wall + record.started_at, 3),
+        "finished_at": None if finished is None else round(wall + finished, 3),
+        "error": record.error,
+    }

@@ -141,6 +141,21 @@ class SwitchingSettings(_Group):
         parse=v.parse_duration,
         metavar="DURATION",
     )
+    stream_keepalive: float = setting(
+        2.0,
+        "--stream-keepalive",
+        "a held streaming completion is answered 200 at once and sent an SSE comment with the "
+        "load's progress this often until its model answers; 0 holds it silently",
+        parse=v.parse_duration,
+        metavar="DURATION",
+    )
+    stream_loading_note: bool = setting(
+        False,
+        "--stream-loading-note",
+        "held streaming chat completions also get that progress as reasoning_content chunks, "
+        "which chat UIs show as thinking",
+        kind="bool",
+    )
     drain_timeout: float = setting(
         120.0,
         "--drain-timeout",
