@@ -143,6 +143,10 @@ def test_crd_status_subresource_and_printer_columns() -> None:
     assert status["message"]["type"] == "string"
     assert status["lastUpdated"] == {"type": "string", "format": "date-time"}
     assert status["deployment"]["type"] == "string"
+    assert set(status["lastSwitch"]["properties"]) == {
+        "from", "result", "kind", "startedAt", "finishedAt", "durationSeconds", "reason",
+    }  # fmt: skip
+    assert status["lastSwitch"]["properties"]["result"]["enum"] == ["success", "failure"]
     columns = {c["name"]: (c["type"], c["jsonPath"]) for c in version["additionalPrinterColumns"]}
     assert columns == {
         "Model": ("string", ".spec.modelName"),
@@ -442,6 +446,63 @@ def test_status_phase_is_checked_by_the_schema() -> None:
     obj["status"] = {"phase": "Ready", "message": "ok", "lastUpdated": "2025-01-01T00:00:00Z"}
     assert schema_errors(obj) == []
     obj["status"]["phase"] = "Running"
+    assert schema_errors(obj)
+
+
+#: A status as the Kubernetes backend writes it after a failed switch.
+WRITTEN_STATUS = {
+    "phase": "Failed",
+    "message": "pod vllm-1: CrashLoopBackOff",
+    "deployment": "vllm",
+    "lastUpdated": "2025-01-01T00:01:30Z",
+    "lastSwitch": {
+        "from": "model-a",
+        "result": "failure",
+        "kind": "cold",
+        "startedAt": "2025-01-01T00:00:00Z",
+        "finishedAt": "2025-01-01T00:01:30Z",
+        "durationSeconds": 90.125,
+        "reason": "pod vllm-1: CrashLoopBackOff",
+    },
+}
+
+
+def test_the_status_the_backend_writes_is_kept_and_fills_the_printer_columns() -> None:
+    obj = resource(BASE)
+    obj["metadata"]["creationTimestamp"] = "2025-01-01T00:00:00Z"
+    obj["status"] = copy.deepcopy(WRITTEN_STATUS)
+    assert schema_errors(obj) == []
+    for column in crd_version(CRD)["additionalPrinterColumns"]:
+        value: Any = obj
+        for key in column["jsonPath"].removeprefix(".").split("."):
+            value = value[key]
+        assert isinstance(value, str), column  # string and date columns alike
+    success = copy.deepcopy(obj)
+    del success["status"]["lastSwitch"]["from"], success["status"]["lastSwitch"]["reason"]
+    success["status"]["lastSwitch"]["result"] = "success"
+    assert schema_errors(success) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"colour": "red"},  # an unknown field would be pruned, not kept
+        {"result": "maybe"},
+        {"durationSeconds": -1},
+        {"durationSeconds": "90s"},
+        {"startedAt": None},  # required
+    ],
+    ids=repr,
+)
+def test_a_wrong_last_switch_is_rejected_by_the_schema(change: dict[str, Any]) -> None:
+    obj = resource(BASE)
+    obj["status"] = copy.deepcopy(WRITTEN_STATUS)
+    switch = obj["status"]["lastSwitch"]
+    for key, value in change.items():
+        if value is None:
+            del switch[key]
+        else:
+            switch[key] = value
     assert schema_errors(obj)
 
 

@@ -7,6 +7,7 @@ right model proves the switch reached the Deployment.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ import anyio
 import pytest
 from openai import AsyncOpenAI
 
+from tests.test_manifests import schema_errors
 from vllm_chill._model import VLLMModel
 from vllm_chill.backends._base import Backend, LoadedModel, LoadError, LostCallback
 from vllm_chill.backends.kubernetes import K8sDeploymentBackend
@@ -140,6 +142,19 @@ def spec_writes(cluster: Cluster) -> int:
     """PATCHes of the Deployment that change its spec (switches, scaling), refused or not."""
     patches = cluster.server.requests_to("PATCH", DEPLOYMENTS)
     return sum(1 for request in patches if "spec" in json.loads(request.body))
+
+
+def last_switch(cluster: Cluster, name: str) -> dict[str, Any]:
+    """The model's `status.lastSwitch`; the stored object must be what the CRD accepts."""
+    obj = cluster.server.read(VLLMMODELS, cluster.namespace, name)
+    assert obj is not None
+    assert schema_errors(obj) == []
+    return dict(obj["status"]["lastSwitch"])
+
+
+def moment(text: str) -> datetime.datetime:
+    assert text.endswith("Z")  # RFC 3339, in UTC
+    return datetime.datetime.fromisoformat(text)
 
 
 def pod_hash(cluster: Cluster) -> str:
@@ -276,6 +291,8 @@ async def test_a_failing_pod_fails_the_load_in_seconds_with_its_reason_then_scal
         assert cluster.replicas() == 0
         await cluster.wait_for(lambda: cluster.model_status("broken").get("phase") == "Failed")
         assert reason in cluster.model_status("broken")["message"]
+        switch = last_switch(cluster, "broken")
+        assert switch["result"] == "failure" and reason in switch["reason"]
         await cluster.wait_for(
             lambda: any(e["reason"] == "ModelLoadFailed" for e in cluster.events())
         )
@@ -454,6 +471,71 @@ async def test_status_and_events_follow_the_switches() -> None:
         )
 
 
+async def test_a_switch_records_in_the_models_status_from_what_when_and_how_long() -> None:
+    async with (
+        simulated_cluster(models=[A, B], load_time=0.3) as cluster,
+        started(cluster) as backend,
+    ):
+        await load(backend, MODEL_A)
+        await cluster.wait_for(lambda: "lastSwitch" in cluster.model_status("model-a"))
+        first = last_switch(cluster, "model-a")
+        assert "from" not in first and first["result"] == "success"  # it ran nothing before
+        before = datetime.datetime.now(tz=datetime.UTC).replace(microsecond=0)
+        begun = time.monotonic()
+        await load(backend, MODEL_B)
+        took = time.monotonic() - begun
+        after = datetime.datetime.now(tz=datetime.UTC)
+        await cluster.wait_for(lambda: cluster.model_status("model-b").get("phase") == "Ready")
+        switch = last_switch(cluster, "model-b")
+        assert switch["from"] == "model-a"
+        assert switch["result"] == "success" and switch["kind"] == "cold"
+        assert "reason" not in switch
+        assert 0.3 <= switch["durationSeconds"] <= round(took, 3)  # in milliseconds
+        started_at, finished_at = moment(switch["startedAt"]), moment(switch["finishedAt"])
+        assert before <= started_at <= finished_at <= after
+        elapsed = (finished_at - started_at).total_seconds()
+        assert abs(elapsed - switch["durationSeconds"]) <= 1.0  # whole seconds
+        assert last_switch(cluster, "model-a") == first  # the replaced model's is its own
+        await backend.unload()
+        await cluster.wait_for(lambda: cluster.model_status("model-b").get("phase") == "Unloaded")
+        assert last_switch(cluster, "model-b") == switch  # kept once it runs nowhere
+
+
+async def test_a_failed_switch_records_its_reason_until_a_load_succeeds() -> None:
+    async with (
+        simulated_cluster(models=[A, BROKEN], failures={"broken": CRASH_LOOP}) as cluster,
+        started(cluster) as backend,
+    ):
+        await load(backend, MODEL_A)
+        with pytest.raises(LoadError) as caught:
+            await load(backend, MODEL_BROKEN)
+        await cluster.wait_for(lambda: cluster.model_status("broken").get("phase") == "Failed")
+        switch = last_switch(cluster, "broken")
+        assert switch["from"] == "model-a" and switch["result"] == "failure"
+        assert switch["reason"] == cluster.model_status("broken")["message"]
+        assert switch["reason"] == caught.value.reason and "CrashLoopBackOff" in switch["reason"]
+        assert switch["durationSeconds"] > 0
+        assert moment(switch["startedAt"]) <= moment(switch["finishedAt"])
+        await backend.unload()
+        del cluster.sim.failures["broken"]  # fixed: the next load of it works
+        await load(backend, MODEL_BROKEN)
+        await cluster.wait_for(lambda: cluster.model_status("broken").get("phase") == "Ready")
+        again = last_switch(cluster, "broken")
+        assert again["result"] == "success"
+        assert "reason" not in again and "from" not in again  # scaled to zero after the failure
+
+
+async def test_a_switch_the_api_refuses_is_recorded_as_failed() -> None:
+    async with simulated_cluster(models=[A]) as cluster, started(cluster) as backend:
+        cluster.server.fail_next("PATCH", DEPLOYMENTS, 403)
+        with pytest.raises(LoadError, match="refused") as caught:
+            await load(backend, MODEL_A)
+        await cluster.wait_for(lambda: cluster.model_status("model-a").get("phase") == "Failed")
+        assert cluster.model_status("model-a")["message"] == caught.value.reason
+        switch = last_switch(cluster, "model-a")
+        assert switch["result"] == "failure" and switch["reason"] == caught.value.reason
+
+
 async def test_forbidden_status_and_event_writes_are_logged_once_and_loads_carry_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -593,6 +675,15 @@ async def test_two_replicas_loading_the_same_model_share_one_rollout() -> None:
         assert results == [LoadedModel("model-a", cluster.upstream)] * 2
         assert cluster.sim.started == ["model-a"]
 
+        def ready_writes() -> list[dict[str, Any]]:
+            writes = cluster.server.requests_to("PATCH", VLLMMODELS, subresource="status")
+            statuses = [json.loads(r.body)["status"] for r in writes]
+            return [status for status in statuses if status["phase"] == "Ready"]
+
+        await cluster.wait_for(lambda: len(ready_writes()) == 2)
+        # The switch's record is its maker's; the replica that joined the rollout adds none.
+        assert ["lastSwitch" in status for status in ready_writes()].count(True) == 1
+
 
 async def test_an_idle_replica_does_not_cut_another_replicas_switch_short() -> None:
     async with (
@@ -644,6 +735,9 @@ async def test_a_proxy_restarted_during_a_load_joins_the_rollout() -> None:
             # no second rollout: the spec was not written again
             assert cluster.get_deployment()["metadata"]["generation"] == generation
             assert cluster.sim.started == ["model-a"]
+        # Its maker died before the end: a load that joined it does not claim the switch.
+        assert cluster.model_status("model-a")["phase"] == "Ready"
+        assert "lastSwitch" not in cluster.model_status("model-a")
 
 
 async def test_a_proxy_restarted_during_a_load_adopts_nothing_and_waits_to_switch() -> None:

@@ -69,6 +69,11 @@ async def test_switch_a_b_a_lands_args_and_answers_from_the_model_named() -> Non
             listed = {m.id: m.model_extra["state"] for m in (await client.models.list()).data}  # type: ignore[index]
             assert listed["qwen3-coder-30b-fp8"] == "loaded"
             assert listed["deepseek-r1-fp8"] == "unloaded"
+            await cluster.wait_for(
+                lambda: cluster.model_status("qwen3-coder-30b-fp8").get("phase") == "Ready"
+            )
+            switch = cluster.model_status("qwen3-coder-30b-fp8")["lastSwitch"]
+            assert switch["from"] == "deepseek-r1-fp8" and switch["result"] == "success"
         finally:
             await client.close()
 

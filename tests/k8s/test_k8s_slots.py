@@ -140,6 +140,9 @@ async def test_two_deployments_serve_two_models_at_once_and_a_third_evicts_the_l
             await cluster.wait_for(lambda: cluster.model_status("small-c").get("phase") == "Ready")
             assert cluster.model_status("small-c")["deployment"] == "vllm"
             assert cluster.model_status("small-b")["deployment"] == "vllm-big"
+            # `kubectl describe`: each switch comes from what its Deployment ran before.
+            assert cluster.model_status("small-c")["lastSwitch"]["from"] == "small-a"
+            assert "from" not in cluster.model_status("small-b")["lastSwitch"]
             await cluster.wait_for(
                 lambda: cluster.model_status("small-a").get("phase") == "Unloaded"
             )

@@ -13,6 +13,11 @@ After `unload()` the pod may stay Terminating for a while, holding its GPUs: the
 waits until no pod of the Deployment is left before it scales up again. A failed load leaves
 the model's `Failed` status (and its reason) in place until that model is loaded again.
 
+The load that made a switch writes its outcome to the model's `status.lastSwitch` (from which
+model, success or failure and why, when, how long), with the `Ready` or `Failed` phase. A load
+that joins a rollout it did not start (another replica's, or one found at start) leaves it to
+the switch's maker, so that two replicas never overwrite each other's record.
+
 Several proxy replicas may share the Deployment. Every write is a merge patch carrying the
 resourceVersion it was computed from, so a concurrent write makes it fail with 409 and it is
 recomputed from a fresh read: no update is ever lost. A replica that finds another replica's
@@ -73,7 +78,13 @@ from vllm_chill.backends.kubernetes._deployment import (
     template_patch,
 )
 from vllm_chill.backends.kubernetes._pending import PendingPods
-from vllm_chill.backends.kubernetes._reporting import EventType, Reporter, object_reference
+from vllm_chill.backends.kubernetes._reporting import (
+    EventType,
+    Reporter,
+    Switch,
+    SwitchResult,
+    object_reference,
+)
 from vllm_chill.backends.kubernetes._rollout import (
     PHASE_MODELS,
     PHASE_OLD_PODS,
@@ -189,6 +200,9 @@ class K8sDeploymentBackend:
         self._loaded: LoadedModel | None = None
         self._loaded_hash: str | None = None
         self._loading = False
+        #: The switch the load in progress makes (`status.lastSwitch`); None once it joined
+        #: a rollout it did not start.
+        self._current_switch: Switch | None = None
         #: Other proxies' switches seen rolled out but unconfirmed: hash -> monotonic time.
         self._confirming: dict[str, float] = {}
 
@@ -273,16 +287,26 @@ class K8sDeploymentBackend:
         self._loading = True
         self._failed.discard(model.name)
         self._pending.reset()
+        self._current_switch = Switch()
         started = time.monotonic()
         try:
             loaded = await self._load(model, progress)
+        except LoadError as exc:
+            if model.name not in self._failed:  # not reported by `_fail` (refused, changed...)
+                self._mark_failed(model, exc.reason)
+            raise
         finally:
             self._loading = False
             self._pod_events.follow(None)
         self._loaded = loaded
         elapsed = time.monotonic() - started
         logger.info("model %s is ready (%.1fs)", model.served_model_name, elapsed)
-        self._reporter.model_status(model.name, "Ready", f"serving as {model.served_model_name}")
+        self._reporter.model_status(
+            model.name,
+            "Ready",
+            f"serving as {model.served_model_name}",
+            last_switch=self._switch_status("success"),
+        )
         self._event("ModelReady", f"{model.served_model_name} is ready ({elapsed:.0f}s)")
         return loaded
 
@@ -338,6 +362,7 @@ class K8sDeploymentBackend:
                     logger.info(
                         "the Deployment already runs %s; waiting for it", model.served_model_name
                     )
+                    self._current_switch = None  # not ours: its maker records it
                     expected = template_hash(deployment)
                     break
                 other = self._switch_in_progress(deployment)
@@ -494,6 +519,8 @@ class K8sDeploymentBackend:
             and replicas(deployment) >= 1  # at zero, it was already Unloaded (or Failed)
         ):
             self._reporter.model_status(previous, "Unloaded", f"replaced by {model.name}")
+        if self._current_switch is not None:
+            self._current_switch.from_model = previous if replicas(deployment) >= 1 else None
         self._event("SwitchingModel", f"switching to {model.served_model_name}")
         return wanted
 
@@ -654,13 +681,23 @@ class K8sDeploymentBackend:
             model.served_model_name,
             reason,
         )
-        self._failed.add(model.name)
         self._pod_events.follow(None)
-        self._reporter.model_status(model.name, "Failed", reason)
+        self._mark_failed(model, reason)
         self._event("ModelLoadFailed", f"{model.served_model_name}: {reason}", type_="Warning")
         with anyio.CancelScope(shield=True), anyio.move_on_after(15.0):
             await self._scale_to_zero(only_if_hash=expected, strict=False)
         raise LoadError(reason)
+
+    def _mark_failed(self, model: VLLMModel, reason: str) -> None:
+        """The `Failed` status (with the reason, in `lastSwitch` too), kept until it loads."""
+        self._failed.add(model.name)
+        self._reporter.model_status(
+            model.name, "Failed", reason, last_switch=self._switch_status("failure", reason)
+        )
+
+    def _switch_status(self, result: SwitchResult, reason: str | None = None) -> Obj | None:
+        switch = self._current_switch
+        return None if switch is None else switch.status(result, reason)
 
     async def _listing(self, served: str) -> tuple[bool, str | None]:
         """Whether the upstream's `/v1/models` lists `served`, and the `root` (the model it

@@ -5,11 +5,16 @@ or fail a model switch: writes go through a bounded queue to one background task
 (Loading is never written after Ready), and any failure is logged. A Role without the
 `vllmmodels/status` or `events` permission is a legitimate choice, so a 403 is logged once per
 kind of write and the proxy carries on.
+
+A switch's outcome (`status.lastSwitch`, see `Switch`) travels in the same write as the
+`Ready` or `Failed` phase that ends it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
@@ -33,14 +38,49 @@ logger = get_logger(__name__)
 
 Phase = Literal["Pending", "Loading", "Ready", "Failed", "Unloaded"]
 EventType = Literal["Normal", "Warning"]
+SwitchResult = Literal["success", "failure"]
 
 COMPONENT = "vllm-chill"
 _MAX_MESSAGE = 1024
 _QUEUE_SIZE = 256
 
 
+def rfc3339(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(tz=datetime.UTC)
+
+
 def now_iso() -> str:
-    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(_utcnow())
+
+
+@dataclasses.dataclass
+class Switch:
+    """A switch to a model, begun when it is made; `status()` is its `status.lastSwitch`."""
+
+    #: The model the Deployment ran until the switch (its VLLMModel name), if it ran one.
+    from_model: str | None = None
+    #: "cold": new vLLM pods (the `kind` of `/proxy/status`'s last_switch).
+    kind: str = "cold"
+    started_at: datetime.datetime = dataclasses.field(default_factory=_utcnow)
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+    def status(self, result: SwitchResult, reason: str | None = None) -> Obj:
+        """`status.lastSwitch` for the switch ending now. Every key is written, null for
+        none: a merge patch keeps what it does not name, and the previous switch's `from` or
+        `reason` must not outlive it."""
+        return {
+            "from": self.from_model,
+            "result": result,
+            "kind": self.kind,
+            "startedAt": rfc3339(self.started_at),
+            "finishedAt": now_iso(),
+            "durationSeconds": round(time.monotonic() - self.started, 3),
+            "reason": reason[:_MAX_MESSAGE] if reason else None,
+        }
 
 
 def model_reference(name: str, namespace: str, uid: str | None = None) -> Obj:
@@ -90,10 +130,13 @@ class Reporter:
 
     # -- enqueue (never blocks, never raises) -------------------------------------------------
 
-    def model_status(self, name: str, phase: Phase, message: str = "") -> None:
-        """Set `status` of the VLLMModel `name` (skipped if it is not a custom resource)."""
+    def model_status(
+        self, name: str, phase: Phase, message: str = "", *, last_switch: Obj | None = None
+    ) -> None:
+        """Set `status` of the VLLMModel `name` (skipped if it is not a custom resource);
+        `last_switch` (`Switch.status()`) replaces its `lastSwitch`, else that is kept."""
         message = message[:_MAX_MESSAGE]
-        self._enqueue(lambda: self._write_status(name, phase, message))
+        self._enqueue(lambda: self._write_status(name, phase, message, last_switch))
 
     def event(
         self, involved: Obj, reason: str, message: str, *, type_: EventType = "Normal"
@@ -148,17 +191,20 @@ class Reporter:
                     self._idle = anyio.Event()
                 await self._idle.wait()
 
-    async def _write_status(self, name: str, phase: Phase, message: str) -> None:
+    async def _write_status(
+        self, name: str, phase: Phase, message: str, last_switch: Obj | None
+    ) -> None:
         # Where it runs (a merge patch with null removes it once it runs nowhere).
         where = None if phase == "Unloaded" else self._deployment
-        body = {
-            "status": {
-                "phase": phase,
-                "message": message,
-                "deployment": where,
-                "lastUpdated": now_iso(),
-            }
+        status: Obj = {
+            "phase": phase,
+            "message": message,
+            "deployment": where,
+            "lastUpdated": now_iso(),
         }
+        if last_switch is not None:
+            status["lastSwitch"] = last_switch
+        body = {"status": status}
         try:
             await call(
                 self._custom.patch_namespaced_custom_object_status,
