@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +22,13 @@ from anyio.streams.text import TextReceiveStream
 from kubernetes import client as k8s_client
 
 from tests.k8s.cluster import model_manifest, simulated_cluster
+from tests.processes import EXIT_TIMEOUT, REPO, START_TIMEOUT, env_for, running
 from tests.support import chat
 from vllm_chill._build import build_middleware
 from vllm_chill._envapp import EnvConfiguredApp
 from vllm_chill.settings import parse_settings
 
-REPO = Path(__file__).resolve().parent.parent
-#: Generous bounds: they prove "fails fast / exits", not speed.
-START_TIMEOUT = 30.0
-EXIT_TIMEOUT = 20.0
 LOADING = "Model '{}' is currently loading. Please wait and retry in a few moments."
-
-
-def _env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_CHILL_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
-    return env
 
 
 def run_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -52,7 +38,7 @@ def run_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.Comp
         capture_output=True,
         text=True,
         timeout=60,
-        env=_env(env),
+        env=env_for(env),
         cwd=REPO,
     )
 
@@ -181,79 +167,6 @@ def test_check_models_names_every_problem(models_dir: Path) -> None:
 # --- serving, end to end -------------------------------------------------------------------
 
 
-class Process:
-    """A server process whose stderr is read as it comes (to find its port, and for failures)."""
-
-    def __init__(self, args: list[str], env: Mapping[str, str]) -> None:
-        self.popen = subprocess.Popen(
-            args,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_env(env),
-            cwd=REPO,
-        )
-        self.lines: list[str] = []
-        self._new: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.popen.stderr is not None
-        with self.popen.stderr:  # the pipe is this thread's: closed when the process ends it
-            for line in self.popen.stderr:
-                self.lines.append(line)
-                self._new.put(line)
-        self._new.put(None)
-
-    def wait_for(self, pattern: str, timeout: float = START_TIMEOUT) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._new.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                raise AssertionError(f"no {pattern!r} in:\n{self.log}") from None
-            if line is None:
-                raise AssertionError(
-                    f"exited ({self.popen.wait()}) without {pattern!r}:\n{self.log}"
-                )
-            match = re.search(pattern, line)
-            if match:
-                return match
-
-    def base_url(self) -> str:
-        return self.wait_for(r"Uvicorn running on (http://127\.0\.0\.1:\d+)").group(1)
-
-    def terminate(self) -> int:
-        self.popen.send_signal(signal.SIGTERM)
-        code = self.popen.wait(timeout=EXIT_TIMEOUT)
-        self.join()
-        return code
-
-    def join(self) -> None:
-        """Wait for the reader to reach the end of stderr (and close the pipe)."""
-        self._reader.join(timeout=5)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-
-@contextmanager
-def running(args: list[str], env: Mapping[str, str] | None = None) -> Iterator[Process]:
-    process = Process(args, env or {})
-    try:
-        yield process
-    except BaseException:
-        print(process.log)  # shown by pytest with the failure
-        raise
-    finally:
-        if process.popen.poll() is None:
-            process.popen.kill()
-            process.popen.wait()
-        process.join()
-
-
 def wait_for_state(client: httpx.Client, model: str, state: str) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while client.get(f"/v1/models/{model}").json()["state"] != state:
@@ -359,7 +272,7 @@ def test_uvicorn_fails_to_start_with_a_bad_environment() -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env=_env(env),
+        env=env_for(env),
         cwd=REPO,
     )
     assert result.returncode != 0
@@ -571,7 +484,7 @@ async def test_the_example_command_against_a_simulated_cluster(tmp_path: Path) -
         args += ["--kubeconfig", str(kubeconfig), "--upstream", cluster.upstream]
         args += ["--host", "127.0.0.1", "--port", "0"]
         log = _Log()
-        process = await anyio.open_process(args, stdout=subprocess.DEVNULL, env=_env(), cwd=REPO)
+        process = await anyio.open_process(args, stdout=subprocess.DEVNULL, env=env_for(), cwd=REPO)
         async with process, anyio.create_task_group() as tg:
             tg.start_soon(log.read, process)
             try:
@@ -649,6 +562,6 @@ def _run_python(code: str) -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env=_env(),
+        env=env_for(),
     )
     assert result.returncode == 0, result.stderr

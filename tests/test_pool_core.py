@@ -369,3 +369,46 @@ def test_the_sleep_budget_never_stops_the_model_being_woken() -> None:
     ]
     assert not [e for e in effects if isinstance(e, StartLoad)]
     assert core.phase_of("a") is Phase.WAKING
+
+
+# --- what an operator asks for (the status page's buttons) ----------------------------------
+
+
+def test_unloading_one_model_leaves_the_others_serving() -> None:
+    core = pool("0", "1")
+    serve(core, "a", HALF, 10.0)
+    serve(core, "b", HALF, 20.0)
+    core.arrive("a", 21.0, hold=False)  # a request in flight on "a": it drains, not cut
+    effects = core.request_unload(22.0, "a")
+    assert core.phase_of("a") is Phase.DRAINING and core.is_serving("b")
+    assert not any(isinstance(e, StartUnload) for e in effects)
+    assert StartUnload("a", "requested") in core.finish("a", 23.0)
+    assert core.phase_of("b") is Phase.READY
+    core.unload_done("a", 24.0)
+    assert set(core.residents) == {"b"}
+
+
+def test_unloading_a_model_that_is_loading_or_not_resident_changes_nothing() -> None:
+    core = pool("0", "1")
+    serve(core, "a", HALF, 10.0)
+    core.arrive("b", 11.0, hold=True, demand=HALF)
+    assert core.request_unload(12.0, "b") == [] and core.phase_of("b") is Phase.LOADING
+    assert core.request_unload(12.0, "nobody") == []
+    assert core.phase_of("a") is Phase.READY
+
+
+def test_every_switch_is_kept_in_order_with_its_outcome() -> None:
+    core = pool("0", "1", max_concurrent_loads=2)
+    serve(core, "a", HALF, 10.0)
+    core.arrive("b", 11.0, hold=True, demand=HALF)
+    core.arrive("c", 11.5, hold=True, demand=WHOLE)  # loads beside "b", on the other GPU
+    core.load_done("c", 14.0, "boom")  # the later load ends first: each record its own
+    core.load_done("b", 15.0)
+    records = [(r.number, r.to_model, r.result, r.error) for r in core.switches]
+    assert records == [
+        (1, "a", "success", None),
+        (2, "b", "success", None),
+        (3, "c", "failure", "boom"),
+    ]
+    assert core.last_switch is not None and core.last_switch.to_model == "c"
+    assert [r.finished_at for r in core.switches] == [10.0, 15.0, 14.0]

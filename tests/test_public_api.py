@@ -101,6 +101,7 @@ PUBLIC: dict[str, set[str]] = {
 #: packages whose contents are private modules.
 PUBLIC_WITHOUT_ALL = {
     "vllm_chill.__main__",
+    "vllm_chill.admin",
     "vllm_chill.backends.sim.__main__",
     "vllm_chill.cli",
     "vllm_chill.http",

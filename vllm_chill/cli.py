@@ -12,6 +12,7 @@ import math
 import os
 import shlex
 import signal
+import socket
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from vllm_chill import __version__
 from vllm_chill._build import build_middleware
 from vllm_chill._model import ModelValidationError
 from vllm_chill._placement import GpuPool, fits_ever
+from vllm_chill.middleware import ModelSwitchMiddleware
 from vllm_chill.observability._logs import configure_logging, get_logger
 from vllm_chill.registries._files import read_models
 from vllm_chill.scheduler._switcher import demand_of
@@ -163,7 +165,7 @@ def serve(settings: Settings) -> int:
         server_header=False,
         timeout_graceful_shutdown=math.ceil(settings.server.shutdown_timeout),
     )
-    server = uvicorn.Server(config)
+    server = _Server(config, app)
     with _signals_end(server):
         try:
             server.run()
@@ -175,6 +177,19 @@ def serve(settings: Settings) -> int:
     if getattr(lifespan, "shutdown_failed", False) or getattr(lifespan, "error_occurred", False):
         return EXIT_SHUTDOWN_FAILED
     return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, ending the status page's event streams as it begins to stop: it waits for
+    open responses, and those never end by themselves."""
+
+    def __init__(self, config: uvicorn.Config, app: ModelSwitchMiddleware) -> None:
+        super().__init__(config)
+        self._app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._app.end_event_streams()
+        await super().shutdown(sockets)
 
 
 @contextmanager

@@ -50,6 +50,8 @@ MAX_PROMISE_HOLD = 60.0
 MAX_PROMISES = 10_000
 #: Evictions remembered for `/proxy/status`.
 EVICTIONS_KEPT = 20
+#: Switches kept for the status page's timeline.
+SWITCHES_KEPT = 20
 #: Retry-After for the first wake of a sleeping model, before one was measured (vLLM's own
 #: figures: 0.1-0.8 s for small models, 3-6 s for 30B-235B).
 FIRST_WAKE_ESTIMATE = 5.0
@@ -254,7 +256,7 @@ class Pending:
 
 @dataclass
 class SwitchRecord:
-    """The last switch, for `/proxy/status`."""
+    """One switch (a load or a wake), for `/proxy/status` and the status page's timeline."""
 
     from_model: str | None
     to_model: str
@@ -262,6 +264,15 @@ class SwitchRecord:
     finished_at: float | None = None
     result: str | None = None  # "success" / "failure"
     kind: str = "cold"  # "cold" (a load) or "wake" (a sleeping model woken)
+    #: Why it failed.
+    error: str | None = None
+    #: Its place in the order of switches since start-up (1, 2, ...).
+    number: int = 0
+
+    def end(self, now: float, error: str | None) -> None:
+        self.finished_at = now
+        self.result = "failure" if error else "success"
+        self.error = error
 
 
 @dataclass
@@ -311,7 +322,8 @@ class SwitchCore:
     durations: dict[str, deque[float]] = field(default_factory=dict)
     wake_durations: dict[str, deque[float]] = field(default_factory=dict)
     unload_durations: deque[float] = field(default_factory=lambda: deque(maxlen=DURATION_SAMPLES))
-    last_switch: SwitchRecord | None = None
+    #: The latest switches, oldest first.
+    switches: deque[SwitchRecord] = field(default_factory=lambda: deque(maxlen=SWITCHES_KEPT))
     evictions: deque[Eviction] = field(default_factory=lambda: deque(maxlen=EVICTIONS_KEPT))
     #: Models an operator asked for, with the models serving at that moment: the switch does
     #: not wait for their windows or promises (rule 10).
@@ -322,6 +334,22 @@ class SwitchCore:
     _next_anonymous: int = 0
 
     # --- the one-slot view (the switch of one model; `/proxy/status`) --------------------
+
+    @property
+    def last_switch(self) -> SwitchRecord | None:
+        return self.switches[-1] if self.switches else None
+
+    def _record(self, record: SwitchRecord) -> None:
+        last = self.last_switch
+        record.number = last.number + 1 if last else 1
+        self.switches.append(record)
+
+    def _end_switch(self, model: str, now: float, error: str | None) -> None:
+        """The switch to `model` in progress ended (loads of several models may overlap)."""
+        for record in reversed(self.switches):
+            if record.to_model == model and record.finished_at is None:
+                record.end(now, error)
+                return
 
     @property
     def active(self) -> str | None:
@@ -605,9 +633,7 @@ class SwitchCore:
         duration = now - resident.since
         waiters = tuple(self.waiters.pop(model, {}))
         self.waiting_total -= len(waiters)
-        if self.last_switch is not None and self.last_switch.to_model == model:
-            self.last_switch.finished_at = now
-            self.last_switch.result = "failure" if error else "success"
+        self._end_switch(model, now, error)
         resident.last_activity = now
         if error is None:
             self.durations.setdefault(model, deque(maxlen=DURATION_SAMPLES)).append(duration)
@@ -662,9 +688,7 @@ class SwitchCore:
             return []
         effects: list[Effect] = []
         duration = now - resident.since
-        if self.last_switch is not None and self.last_switch.to_model == model:
-            self.last_switch.finished_at = now
-            self.last_switch.result = "failure" if error else "success"
+        self._end_switch(model, now, error)
         resident.last_activity = now
         if error is None:
             self.wake_durations.setdefault(model, deque(maxlen=DURATION_SAMPLES)).append(duration)
@@ -746,18 +770,28 @@ class SwitchCore:
         self._pump(now, effects)
         return effects
 
-    def request_unload(self, now: float) -> list[Effect]:
-        """An operator asked to unload now (`POST /proxy/unload`): every serving model drains,
-        then unloads.
+    def request_unload(self, now: float, model: str | None = None) -> list[Effect]:
+        """An operator asked to unload now (`POST /proxy/unload`): every serving model (or just
+        `model`) drains, then unloads; a sleeping one stops.
 
         Models still queued load afterwards (their clients asked for them); a load in progress
         is not interrupted (the caller reports the conflict)."""
         effects: list[Effect] = []
-        for model, pending in list(self.pending.items()):
+        if model is not None:
+            resident = self.residents.get(model)
+            if resident is not None and resident.phase is _READY:
+                self._begin_drain(resident, None, now, effects, reason="requested")
+            elif resident is not None and resident.phase is Phase.ASLEEP:
+                resident.unload_reason = "requested"
+                self._set_phase(resident, Phase.UNLOADING, now, effects)
+                effects.append(StartUnload(resident.model, "requested"))
+            self._pump(now, effects)
+            return effects
+        for waiting, pending in list(self.pending.items()):
             # Its place was being made: it goes back to the head of the queue.
-            del self.pending[model]
-            self.queue[model] = pending.demand
-            self.queue.move_to_end(model, last=False)
+            del self.pending[waiting]
+            self.queue[waiting] = pending.demand
+            self.queue.move_to_end(waiting, last=False)
             for victim in pending.victims:
                 resident = self.residents.get(victim)
                 if resident is not None and resident.phase is Phase.DRAINING:
@@ -1200,12 +1234,12 @@ class SwitchCore:
         resident = Resident(model, placement, Phase.LOADING, now, demand=demand)
         self.residents[model] = resident
         previous = replacing[0] if replacing else None
-        self.last_switch = SwitchRecord(previous, model, now)
+        self._record(SwitchRecord(previous, model, now))
         self._set_phase(resident, Phase.LOADING, now, effects)
         effects.append(StartLoad(model, placement, replacing))
 
     def _start_wake(self, resident: Resident, now: float, effects: list[Effect]) -> None:
-        self.last_switch = SwitchRecord(None, resident.model, now, kind="wake")
+        self._record(SwitchRecord(None, resident.model, now, kind="wake"))
         resident.making_room_for = None
         self._set_phase(resident, Phase.WAKING, now, effects)
         effects.append(StartWake(resident.model, resident.placement))

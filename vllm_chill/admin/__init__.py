@@ -1,0 +1,2 @@
+"""What an operator sees: the status page (`/proxy/ui`) and its live event stream
+(`/proxy/events`)."""
