@@ -16,12 +16,17 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import httpx
 import openai
 import pytest
 
 from tests.processes import REPO, START_TIMEOUT, running
-from tests.support import chat
+from tests.support import chat, spec
+from vllm_chill import ModelSwitchMiddleware, StaticRegistry
+from vllm_chill._placement import Capacity, GpuPool, SingleSlot, Slots
+from vllm_chill.admin._view import status_view
+from vllm_chill.testing import FakeBackend
 
 pytestmark = pytest.mark.slow
 
@@ -319,3 +324,33 @@ def test_serve_stops_at_once_with_a_status_page_open() -> None:
             stopping = time.monotonic()
             assert process.terminate() == 0
             assert time.monotonic() - stopping < 5
+
+
+# --- where a model runs, as the page names it -----------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("capacity", "kind", "placement"),
+    [
+        (SingleSlot(), "single", []),  # one model at a time, on one machine: nothing to show
+        (SingleSlot("vllm"), "deployments", ["vllm"]),  # the one Deployment, by name
+        (GpuPool(("0", "1")), "gpus", ["0"]),
+        (Slots({"vllm-1gpu": 1, "vllm-2gpu": 2}), "deployments", ["vllm-1gpu"]),
+    ],
+)
+async def test_the_picture_names_where_a_model_runs(
+    capacity: Capacity, kind: str, placement: list[str]
+) -> None:
+    backend = FakeBackend(capacity=capacity)
+    proxy = ModelSwitchMiddleware(registry=StaticRegistry([spec("a")]), backend=backend)
+    async with proxy.running():
+        proxy.switcher.request_switch("a")
+        with anyio.fail_after(5):
+            while proxy.switcher.state_of("a").value != "loaded":
+                await anyio.sleep(0.01)
+        picture = status_view(proxy.switcher, proxy.registry)
+    assert picture["capacity"] == kind
+    [model] = picture["models"]
+    assert model["placement"] == placement and model["state"] == "loaded"
+    assert picture["switches"][0]["to"] == "a" and picture["switches"][0]["result"] == "success"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from vllm_chill._placement import Capacity, GpuPool, Slots
+from vllm_chill._placement import Capacity, GpuPool, SingleSlot, Slots
 from vllm_chill.registries._base import ModelRegistry
 from vllm_chill.scheduler._switcher import Switcher
 
@@ -70,6 +70,8 @@ def _capacity_kind(capacity: Capacity) -> str:
         return "gpus"
     if isinstance(capacity, Slots):
         return "deployments"
+    if isinstance(capacity, SingleSlot) and capacity.name != SingleSlot.name:
+        return "deployments"  # one Deployment, named
     return "single"
 
 

@@ -147,8 +147,8 @@ class K8sDeploymentBackend:
         old_pod_timeout: float = OLD_POD_TIMEOUT_S,
         root_mismatch_timeout: float = ROOT_MISMATCH_TIMEOUT_S,
     ) -> None:
-        #: One Deployment: one model at a time.
-        self.capacity: Capacity = SingleSlot()
+        #: One Deployment: one model at a time, placed on it (by its name).
+        self.capacity: Capacity = SingleSlot(deployment)
         #: The vLLM container's `nvidia.com/gpu` limit, read when the session opens.
         self.gpus: int | None = None
         self._apps = k8s_client.AppsV1Api(api_client)
