@@ -143,7 +143,28 @@ class PoolStorm(RuleBasedStateMachine):
     def operator_switch(self, model: str) -> None:
         self.apply(self.core.request_switch(model, self.now, DEMANDS[model]))
 
+    @rule(model=st.sampled_from([None, *MODELS]))
+    def operator_unload(self, model: str | None) -> None:
+        loading = (Phase.LOADING, Phase.WAKING)
+        if model is None and any(r.phase in loading for r in self.core.residents.values()):
+            return  # refused with 409 by the switcher, as a load is never interrupted
+        if model is not None and self.core.phase_of(model) in loading:
+            return
+        self.apply(self.core.request_unload(self.now, model))
+
     # --- invariants -----------------------------------------------------------------------
+
+    @invariant()
+    def the_timeline_shows_only_switches_under_way_as_in_progress(self) -> None:
+        switches = self.core.switches
+        numbers = [record.number for record in switches]
+        assert numbers == sorted(set(numbers))
+        for record in switches:
+            if record.finished_at is None:
+                phase = self.core.phase_of(record.to_model)
+                assert phase is (Phase.WAKING if record.kind == "wake" else Phase.LOADING)
+        under_way = [r for r in switches if r.finished_at is None]
+        assert len({r.to_model for r in under_way}) == len(under_way)
 
     @invariant()
     def gpus_are_never_over_committed(self) -> None:

@@ -20,6 +20,8 @@ import anyio
 import httpx
 import openai
 import pytest
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from tests.processes import REPO, START_TIMEOUT, running
 from tests.support import chat, spec
@@ -354,3 +356,18 @@ async def test_the_picture_names_where_a_model_runs(
     [model] = picture["models"]
     assert model["placement"] == placement and model["state"] == "loaded"
     assert picture["switches"][0]["to"] == "a" and picture["switches"][0]["result"] == "success"
+
+
+@pytest.mark.anyio
+async def test_mounted_under_a_prefix_the_page_links_to_its_files_there() -> None:
+    proxy = ModelSwitchMiddleware(registry=StaticRegistry([spec("a")]), backend=FakeBackend())
+    host = Starlette(routes=[Mount("/llm", app=proxy)])
+    transport = httpx.ASGITransport(app=host)
+    async with proxy.running(), httpx.AsyncClient(transport=transport, base_url="http://h") as c:
+        page = await c.get("/llm/proxy/ui")
+        assert page.status_code == 200
+        links = re.findall(r'(?:href|src)="([^"]+)"', page.text)
+        assert links and all(link.startswith("/llm/proxy/ui/") for link in links)
+        assert 'data-ui="/llm/proxy/ui"' in page.text  # where the page finds /proxy/events
+        for link in links:
+            assert (await c.get(link)).status_code == 200

@@ -8,6 +8,7 @@ nothing from anywhere else.
 
 from __future__ import annotations
 
+import html
 from functools import cache
 from importlib import resources
 
@@ -45,7 +46,7 @@ async def serve_page(scope: Scope, send: Send, path: str) -> bool:
     body = _file(name)
     if name == "index.html":
         # Absolute links to the page's files, wherever the proxy is mounted.
-        prefix = scope.get("root_path", "") + UI_PATH
+        prefix = html.escape(scope.get("root_path", "") + UI_PATH)
         body = body.replace(b"{{ui}}", prefix.encode())
     headers = [
         (b"content-type", content_type),
