@@ -14,21 +14,15 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx
 import openai
 import pytest
-from starlette.applications import Starlette
-from starlette.routing import Mount
 
 from tests.processes import REPO, START_TIMEOUT, running
-from tests.support import chat, spec
-from vllm_chill import ModelSwitchMiddleware, StaticRegistry
-from vllm_chill._placement import Capacity, GpuPool, SingleSlot, Slots
-from vllm_chill.admin._view import status_view
-from vllm_chill.testing import FakeBackend
+from tests.support import chat
 
 pytestmark = pytest.mark.slow
 
@@ -52,8 +46,10 @@ def _chromium() -> str:
     pytest.skip(message)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def browser() -> Iterator[Any]:
+    """Headless Chromium, one per test: Playwright's sync API keeps an event loop running in
+    this thread while it is open, which async tests cannot share."""
     executable = _chromium()
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as playwright:
@@ -207,6 +203,47 @@ def test_with_a_token_the_page_asks_for_it_once_and_sends_it_as_a_bearer(
             tab.close()
 
 
+BROKEN = """
+apiVersion: vllm.efortin.github.io/v1alpha1
+kind: VLLMModel
+metadata:
+  name: broken
+spec:
+  modelName: org/broken
+  servedModelName: broken
+  extraArgs: ["--sim-fail-load"]
+"""
+
+
+def test_a_failed_load_shows_its_reason_and_when_it_may_be_retried(
+    browser: Any, tmp_path: Path
+) -> None:
+    (tmp_path / "broken.yaml").write_text(BROKEN)
+    with running(
+        [
+            *(sys.executable, "-m", "vllm_chill", "serve", "--backend", "sim"),
+            *("--models", str(tmp_path), "--host", "127.0.0.1", "--port", "0"),
+            *("--sim-load-time", "0.5s", "--failure-backoff", "30s"),
+        ]
+    ) as process:
+        base = process.base_url()
+        tab = Page(browser, base)
+        try:
+            tab.open()
+            tab.page.wait_for_selector('#connection[data-state="live"]', timeout=10_000)
+            tab.row("broken").get_by_role("button", name="Load").click()
+            tab.wait_state("broken", "failed", 10)
+            text = tab.row("broken").inner_text()
+            reason = httpx.get(base + "/proxy/status").json()["failed_models"]["broken"]["reason"]
+            assert reason and reason in text
+            assert re.search(r"retry allowed in (\d+) s", text)
+            switch = tab.page.locator('#switches tr[data-to="broken"]')
+            assert switch.get_attribute("data-result") == "failure"
+            assert reason in switch.inner_text()
+        finally:
+            tab.close()
+
+
 # --- the event stream and the page's files, without a browser -------------------------------
 
 
@@ -265,6 +302,39 @@ def test_a_script_follows_a_switch_on_the_event_stream() -> None:
             ]
 
 
+def test_the_event_stream_shows_requests_in_flight_on_a_loaded_model() -> None:
+    """A request to a ready model changes nothing but the counts: they show all the same."""
+    with serve("--sim-tokens-per-second", "10") as process:
+        base = process.base_url()
+        with httpx.Client(base_url=base, timeout=30) as client:
+            assert client.post("/proxy/models/switch", json={"model": "deepseek-r1-fp8"})
+            deadline = time.monotonic() + START_TIMEOUT
+            while client.get("/v1/models/deepseek-r1-fp8").json()["state"] != "loaded":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            with client.stream("GET", "/proxy/events") as stream:
+                seen = events(stream)
+
+                def counts() -> tuple[int, float]:
+                    for kind, data in seen:
+                        if kind == "status":
+                            [model] = [m for m in data["models"] if m["id"] == "deepseek-r1-fp8"]
+                            return model["in_flight"], time.monotonic()
+                    raise AssertionError("the stream ended")
+
+                assert counts()[0] == 0
+                body = chat("deepseek-r1-fp8", max_tokens=40, stream=True)  # ~4 s of tokens
+                with client.stream("POST", "/v1/chat/completions", json=body) as answer:
+                    asked = time.monotonic()
+                    assert answer.status_code == 200
+                    in_flight, at = counts()
+                    assert in_flight == 1 and at - asked < SHOWS_WITHIN
+                    answer.read()
+                ended = time.monotonic()
+                in_flight, at = counts()
+                assert in_flight == 0 and at - ended < SHOWS_WITHIN
+
+
 def test_the_event_stream_needs_the_admin_token_and_the_page_does_not() -> None:
     with serve("--admin-token", TOKEN) as process:
         base = process.base_url()
@@ -300,6 +370,9 @@ def test_unload_takes_one_model_or_all() -> None:
             ):
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
+            idle = client.post("/proxy/unload", json={"model": "qwen3-coder-30b-fp8"})
+            assert idle.status_code == 200
+            assert idle.json() == {"status": "not_loaded", "model": "qwen3-coder-30b-fp8"}
             unknown = client.post("/proxy/unload", json={"model": "nope"})
             assert unknown.status_code == 404
             assert unknown.json()["error"]["code"] == "model_not_found"
@@ -326,48 +399,3 @@ def test_serve_stops_at_once_with_a_status_page_open() -> None:
             stopping = time.monotonic()
             assert process.terminate() == 0
             assert time.monotonic() - stopping < 5
-
-
-# --- where a model runs, as the page names it -----------------------------------------------
-
-
-@pytest.mark.anyio
-@pytest.mark.parametrize(
-    ("capacity", "kind", "placement"),
-    [
-        (SingleSlot(), "single", []),  # one model at a time, on one machine: nothing to show
-        (SingleSlot("vllm"), "deployments", ["vllm"]),  # the one Deployment, by name
-        (GpuPool(("0", "1")), "gpus", ["0"]),
-        (Slots({"vllm-1gpu": 1, "vllm-2gpu": 2}), "deployments", ["vllm-1gpu"]),
-    ],
-)
-async def test_the_picture_names_where_a_model_runs(
-    capacity: Capacity, kind: str, placement: list[str]
-) -> None:
-    backend = FakeBackend(capacity=capacity)
-    proxy = ModelSwitchMiddleware(registry=StaticRegistry([spec("a")]), backend=backend)
-    async with proxy.running():
-        proxy.switcher.request_switch("a")
-        with anyio.fail_after(5):
-            while proxy.switcher.state_of("a").value != "loaded":
-                await anyio.sleep(0.01)
-        picture = status_view(proxy.switcher, proxy.registry)
-    assert picture["capacity"] == kind
-    [model] = picture["models"]
-    assert model["placement"] == placement and model["state"] == "loaded"
-    assert picture["switches"][0]["to"] == "a" and picture["switches"][0]["result"] == "success"
-
-
-@pytest.mark.anyio
-async def test_mounted_under_a_prefix_the_page_links_to_its_files_there() -> None:
-    proxy = ModelSwitchMiddleware(registry=StaticRegistry([spec("a")]), backend=FakeBackend())
-    host = Starlette(routes=[Mount("/llm", app=proxy)])
-    transport = httpx.ASGITransport(app=host)
-    async with proxy.running(), httpx.AsyncClient(transport=transport, base_url="http://h") as c:
-        page = await c.get("/llm/proxy/ui")
-        assert page.status_code == 200
-        links = re.findall(r'(?:href|src)="([^"]+)"', page.text)
-        assert links and all(link.startswith("/llm/proxy/ui/") for link in links)
-        assert 'data-ui="/llm/proxy/ui"' in page.text  # where the page finds /proxy/events
-        for link in links:
-            assert (await c.get(link)).status_code == 200

@@ -317,22 +317,32 @@ async def test_an_unreachable_model_server_ends_the_stream_with_upstream_unavail
     assert error["message"] == "The server for model 'alpha' is not reachable."
 
 
-async def test_a_hold_that_runs_out_ends_the_stream_with_the_loading_error() -> None:
+async def test_a_held_stream_waits_past_max_wait_for_its_load() -> None:
+    """A 200 that went out cannot be taken back for a 503 the client would retry: the stream
+    waits for its load, past --max-wait."""
+    with anyio.fail_after(30):
+        async with sim_stack(4.0, max_wait=1) as stack:
+            received = await stream_raw(
+                stack.url, "/v1/completions", {"model": "alpha", "prompt": "x", "stream": True}
+            )
+    assert_regular(received)
+    assert len(received.comments()) >= 3
+    assert content_of(received.data())  # the model's tokens, no error event
+
+
+async def test_a_load_that_runs_past_the_switch_timeout_ends_the_stream_with_its_error() -> None:
     with anyio.fail_after(20):
-        async with fake_stack(FakeBackend(load_time=30), max_wait=1.5) as stack:
+        async with fake_stack(
+            FakeBackend(load_time=30), max_wait=1, model_switch_timeout=2
+        ) as stack:
             received = await stream_raw(
                 stack.url, "/v1/completions", {"model": "alpha", "prompt": "x", "stream": True}
             )
     assert received.status == 200
-    assert len(received.comments()) >= 2
+    assert len(received.comments()) >= 3
     error = error_event(received)
-    assert error["code"] == "model_switching_in_progress"
-    assert error["message"] == (
-        "Model 'alpha' is currently loading. Please wait and retry in a few moments."
-    )
-    assert error["type"] == "model_loading"
-    assert error["phase"] == "loading weights"
-    assert isinstance(error["retry_after"], int)
+    assert error["code"] == "model_switch_failed"
+    assert "did not become ready within 2s (--model-switch-timeout)" in error["message"]
 
 
 # --- what does not change ----------------------------------------------------------------------

@@ -283,6 +283,9 @@ class ModelSwitchMiddleware:
         # Held streaming completions get progress (vllm_chill/http/_progress.py).
         switching = settings.switching
         self._stream_keepalive = switching.stream_keepalive if self._max_wait > 0 else 0.0
+        # Once its 200 went out, a held stream cannot be told to retry: it waits for the load
+        # it asked for (the longest a load may take) on top of the hold it was promised.
+        self._stream_hold = self._max_wait + switching.model_switch_timeout
         self._loading_note = switching.stream_loading_note
         self._loading_phase = self.switcher.loading_phase
         # Keys are kept and compared as SHA-256 digests: equal lengths, so the comparison's
@@ -342,6 +345,7 @@ class ModelSwitchMiddleware:
 
         ASGI servers do this through `lifespan`; use it directly when the middleware is
         mounted inside a framework that does not forward lifespan to mounted apps."""
+        self._closing = anyio.Event()  # started again: new event streams may stay open
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(self.registry.session())
             if self._transport is None:
@@ -575,7 +579,10 @@ class ModelSwitchMiddleware:
         try:
             try:
                 lease = await self.switcher.acquire(
-                    name, self._max_wait, _peer(scope), None if held is None else held.start
+                    name,
+                    self._max_wait if held is None else self._stream_hold,
+                    _peer(scope),
+                    None if held is None else held.start,
                 )
             except Refused as refused:
                 await self._refused(_answer(exchange, held), refused)
@@ -901,6 +908,8 @@ class ModelSwitchMiddleware:
                 return
         if not self.switcher.running:
             await self._refused(send, NotRunning())
+        elif name is not None and name not in self.switcher.core.residents:
+            await send_json(send, 200, json.dumps({"status": "not_loaded", "model": name}).encode())
         elif self.switcher.request_unload(name):
             answer: dict[str, Any] = {"status": "unloading"}
             if name is not None:

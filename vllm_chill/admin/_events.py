@@ -1,12 +1,13 @@
 """`GET /proxy/events`: the status page's picture as a server-sent event stream.
 
-Events: `status` (the whole picture, see `_view.py`) on connect, at once after each change,
-and every `refresh` seconds while something moves by itself (a load's elapsed time, requests
-in flight); `switch` (one timeline entry) when a switch starts and when it ends. An idle proxy
-sends only a comment every `heartbeat` seconds, which keeps proxies in between from closing the
-connection. Each stream ends after `max_age` seconds (clients reconnect: EventSource does so by
-itself, after the `retry:` it was given), so that no server waits long on an open stream when
-it shuts down; `vllm-chill serve` ends them at once.
+Events: `status` (the whole picture, see `_view.py`) on connect, at once after each change of
+the switcher's state, and when a look every `refresh` seconds finds something else changed (a
+count of requests, a failure's back-off over; only while there is something to watch); `switch`
+(one timeline entry) when a switch starts and when it ends. A stream with nothing new for
+`heartbeat` seconds gets a comment, which keeps proxies in between from closing it. Each stream
+ends after `max_age` seconds (clients reconnect: EventSource does so by itself, after the
+`retry:` it was given), so that no server waits long on an open stream when it shuts down;
+`vllm-chill serve` ends them at once.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from typing import Any
 
 import anyio
 
-from vllm_chill.admin._view import is_busy
+from vllm_chill.admin._view import is_watched, without_clock
 from vllm_chill.http._asgi import Receive, Send
 from vllm_chill.scheduler._changes import Changes
 
-#: Seconds between pictures while something moves.
+#: Seconds between looks at the picture while there is something to watch.
 REFRESH = 1.0
-#: Seconds between comments on an idle stream.
+#: Most seconds a stream goes without a byte.
 HEARTBEAT = 15.0
 #: Seconds a stream lasts before the client is asked to reconnect.
 MAX_AGE = 60.0
@@ -78,18 +79,27 @@ async def stream_events(
         with anyio.move_on_after(max_age):
             seen = changes.version
             picture = view()
+            shown = without_clock(picture)
             known = {_switch_key(s) for s in picture["switches"]}
             await body(f"retry: {RECONNECT_MS}\n\n".encode() + _event("status", picture))
+            quiet_since = anyio.current_time()
             while True:
-                busy = is_busy(picture)
-                version = await changes.wait(seen, refresh if busy else heartbeat)
-                if version == seen and not busy:
-                    await body(b": keep-alive\n\n")
-                    continue
-                if version != seen:
+                watched = is_watched(picture)
+                if await changes.wait(seen, refresh if watched else heartbeat) != seen:
                     await anyio.sleep(SETTLE)
                     seen = changes.version
+                elif not watched:
+                    picture = view()  # nothing to watch: only a change shows anything new
+                    await body(b": keep-alive\n\n")
+                    continue
                 picture = view()
+                now_shown = without_clock(picture)
+                if now_shown == shown:  # nothing the page does not count on by itself
+                    if anyio.current_time() - quiet_since >= heartbeat:
+                        await body(b": keep-alive\n\n")
+                        quiet_since = anyio.current_time()
+                    continue
+                shown = now_shown
                 chunks = []
                 for entry in reversed(picture["switches"]):  # oldest first
                     key = _switch_key(entry)
@@ -100,6 +110,7 @@ async def stream_events(
                     known = {_switch_key(s) for s in picture["switches"]}
                 chunks.append(_event("status", picture))
                 await body(b"".join(chunks))
+                quiet_since = anyio.current_time()
         tg.cancel_scope.cancel()
     # The stream ends cleanly: the client reconnects.
     with anyio.CancelScope(shield=True), anyio.move_on_after(1):

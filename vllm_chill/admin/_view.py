@@ -75,10 +75,27 @@ def _capacity_kind(capacity: Capacity) -> str:
     return "single"
 
 
-def is_busy(view: dict[str, Any]) -> bool:
-    """Whether the picture moves by itself (elapsed times, counts): then streams refresh it
-    periodically, not only on changes."""
+def is_watched(view: dict[str, Any]) -> bool:
+    """Whether the picture can change without a change of the switcher's state: counts of
+    requests, a failure's back-off running out. Then streams look at it every second; an idle
+    proxy's picture changes only with the switcher's state."""
     return bool(view["queue"]) or any(
-        m["in_flight"] or m["waiting"] or m["phase"] not in (None, "ready", "asleep")
+        m["phase"] is not None or m["failure"] or m["in_flight"] or m["waiting"]
         for m in view["models"]
     )
+
+
+#: What moves with the clock alone; the page counts these on by itself between events.
+_CLOCK_FIELDS = frozenset(
+    {"server_time", "phase_seconds", "duration_seconds", "seconds_ago", "retry_in_seconds"}
+)
+
+
+def without_clock(value: Any) -> Any:
+    """The picture less what moves with the clock: two pictures that differ only there show
+    the same thing."""
+    if isinstance(value, dict):
+        return {k: without_clock(v) for k, v in value.items() if k not in _CLOCK_FIELDS}
+    if isinstance(value, list):
+        return [without_clock(v) for v in value]
+    return value

@@ -66,7 +66,11 @@ function doing(m) {
   const cell = el("td");
   if (m.failure) {
     cell.append(el("div", m.failure.reason, "reason"));
-    cell.append(el("div", "retry allowed in " + seconds(m.failure.retry_in_seconds), "meta"));
+    const retry = el("span", "", "countdown");
+    retry.dataset.seconds = m.failure.retry_in_seconds;
+    const line = el("div", "retry allowed in ", "meta");
+    line.append(retry);
+    cell.append(line);
     return cell;
   }
   if (!m.phase || m.phase === "ready") return cell;
@@ -90,10 +94,27 @@ function action(label, title, run) {
   return b;
 }
 
+// Rows are rebuilt only when what they show changes, so that a button is not replaced under
+// the pointer between a press and its release.
+const modelRows = new Map();
+const CLOCK_FIELDS = new Set(["phase_seconds", "retry_in_seconds"]);
+function shows(m) {
+  return JSON.stringify(m, (key, value) => (CLOCK_FIELDS.has(key) ? undefined : value)) + picture.capacity;
+}
+
 function renderModels(models) {
   const body = $("models").tBodies[0];
   const rows = [];
+  const present = new Set();
   for (const m of models) {
+    present.add(m.id);
+    const signature = shows(m);
+    const known = modelRows.get(m.id);
+    if (known && known.signature === signature) {
+      refreshClocks(known.tr, m);
+      rows.push(known.tr);
+      continue;
+    }
     const tr = el("tr");
     tr.dataset.model = m.id;
     tr.dataset.state = m.state;
@@ -121,9 +142,20 @@ function renderModels(models) {
       actions.append(action("Load", "Load it now (others give way if there is no room)", () => load(m.id)));
     }
     tr.append(actions);
+    modelRows.set(m.id, { signature, tr });
     rows.push(tr);
   }
-  body.replaceChildren(...rows);
+  for (const id of [...modelRows.keys()]) if (!present.has(id)) modelRows.delete(id);
+  const same = rows.length === body.rows.length && rows.every((tr, i) => body.rows[i] === tr);
+  if (!same) body.replaceChildren(...rows);
+}
+
+// A kept row's timers restart from the new picture's values.
+function refreshClocks(tr, m) {
+  const elapsed = tr.querySelector(".elapsed");
+  if (elapsed && m.phase_seconds !== null) elapsed.dataset.seconds = m.phase_seconds;
+  const countdown = tr.querySelector(".countdown");
+  if (countdown && m.failure) countdown.dataset.seconds = m.failure.retry_in_seconds;
 }
 
 function renderSwitches(switches) {
@@ -178,6 +210,10 @@ function render(p) {
 // Elapsed times move on between events.
 function tick() {
   for (const node of document.querySelectorAll("[data-seconds]")) {
+    if (node.classList.contains("countdown")) {
+      node.textContent = seconds(Math.max(0, Number(node.dataset.seconds) - age()));
+      continue;
+    }
     const s = Number(node.dataset.seconds) + age();
     node.textContent = node.classList.contains("elapsed") ? "(" + seconds(s) + ")" : seconds(s);
   }
