@@ -10,8 +10,10 @@ a few seconds, and every gap between received bytes must stay within the interva
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,8 +25,17 @@ import httpx
 import openai
 import pytest
 
-from tests.reliability.helpers import Snapshot, Stack, assert_no_leak, proxy_stack
+from tests.reliability.helpers import (
+    Reply,
+    Snapshot,
+    Stack,
+    assert_no_leak,
+    chunked,
+    openai_error,
+    proxy_stack,
+)
 from tests.support import chat, spec
+from tests.test_relay import Handler, raw_upstream, read_request
 from vllm_chill import FakeBackend
 from vllm_chill.backends.sim._backend import FAIL_LOAD_FLAG, SimBackend
 
@@ -343,6 +354,159 @@ async def test_a_load_that_runs_past_the_switch_timeout_ends_the_stream_with_its
     error = error_event(received)
     assert error["code"] == "model_switch_failed"
     assert "did not become ready within 2s (--model-switch-timeout)" in error["message"]
+
+
+# --- a switch cutting a held stream ------------------------------------------------------------
+
+#: How long the model's server below keeps its answer back: far past what each test waits.
+UPSTREAM_DELAY = 10.0
+
+CUT_MESSAGE = re.compile(
+    r"The request for model 'alpha' was stopped: the model is being switched out and the "
+    r"drain timeout passed\. Retry in (\d+) s\."
+)
+
+
+def slow_upstream(prelude: bytes, ends: list[str]) -> Handler:
+    """A model's server that reads each request, writes `prelude` (when empty: not even its
+    head) and keeps the rest back for UPSTREAM_DELAY. `ends` records how each exchange ended:
+    "closed" when the proxy closed the connection first, "kept waiting" otherwise."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if await read_request(reader) is None:
+            return
+        writer.write(prelude)
+        await writer.drain()
+        try:
+            await asyncio.wait_for(reader.read(), UPSTREAM_DELAY)  # until the proxy closes
+        except TimeoutError:
+            ends.append("kept waiting")  # the connection closes with no (whole) answer
+        else:
+            ends.append("closed")
+
+    return handler
+
+
+@asynccontextmanager
+async def cut_stack(prelude: bytes, ends: list[str]) -> AsyncIterator[Stack]:
+    """One slot for "alpha" (answered by `slow_upstream`) and "beta"; a switch cuts what is
+    still in flight 0.5 s into its drain."""
+    async with raw_upstream(slow_upstream(prelude, ends)) as alpha:
+        backend = FakeBackend(load_time=0.5, base_urls={"alpha": alpha})
+        async with proxy_stack(
+            models=[spec("alpha"), spec("beta")],
+            backend=backend,
+            max_wait=10,
+            stream_keepalive=0.5,
+            drain_timeout=0.5,
+        ) as stack:
+            yield stack
+
+
+async def switch_to_beta(stack: Stack) -> None:
+    reply = await stack.post("/proxy/models/switch", {"model": "beta"})
+    assert reply.status == 202, reply
+
+
+async def after_the_switch(stack: Stack, before: Snapshot) -> None:
+    """Nothing counted in flight or waiting any more, beta serving, nothing leaked."""
+    await stack.wait_status(
+        lambda st: st["requests_in_flight"] == {} and st["requests_waiting"] == {}
+    )
+    await stack.wait_status(lambda st: st["active_model"] == "beta" and st["phase"] == "ready")
+    await assert_no_leak(before, fd_slack=4)
+
+
+async def test_a_switch_cutting_a_held_stream_before_its_answer_ends_it_with_the_503() -> None:
+    """The model was ready but its server had not answered yet: the stream ends with the 503 a
+    non-streaming request cut with it gets, as its error event, which the client raises."""
+    ends: list[str] = []
+    raw: list[Received] = []
+    raised: list[openai.APIError] = []
+    plain: list[Reply] = []
+    with anyio.fail_after(20):
+        async with cut_stack(b"", ends) as stack:
+            before = Snapshot.take()
+
+            async def by_raw() -> None:
+                raw.append(
+                    await stream_raw(stack.url, "/v1/chat/completions", chat("alpha", stream=True))
+                )
+
+            async def by_openai() -> None:
+                with pytest.raises(openai.APIError) as info:
+                    await openai_stream(stack, **chat("alpha"))
+                raised.append(info.value)
+
+            async def not_streaming() -> None:
+                plain.append(await stack.post("/v1/chat/completions", chat("alpha")))
+
+            async with anyio.create_task_group() as tg:
+                for ask in (by_raw, by_openai, not_streaming):
+                    tg.start_soon(ask)
+                # All three relayed (the model is ready), none answered yet.
+                await stack.wait_status(lambda st: st["requests_in_flight"] == {"alpha": 3})
+                await switch_to_beta(stack)
+            await after_the_switch(stack, before)
+
+    assert ends == ["closed"] * 3  # the proxy gave up on the model's server at the cut
+    [answer] = plain
+    assert answer.status == 503
+    expected = openai_error(answer)
+    assert expected["code"] == "model_switching_in_progress"
+    [received] = raw
+    assert_regular(received)
+    assert len(received.comments()) >= 2  # the load, then the wait for the model's answer
+    assert len(received.data()) == 1  # the error event alone: no [DONE]
+    error = error_event(received)
+    assert error["retry_after"] >= 1
+    # The same error as the non-streaming request's, but for the seconds to wait.
+    match = CUT_MESSAGE.fullmatch(error["message"])
+    assert match and int(match[1]) == error["retry_after"], error
+    assert CUT_MESSAGE.fullmatch(expected["message"]), expected
+    unlike = {"message", "retry_after"}
+    assert {k: v for k, v in error.items() if k not in unlike} == {
+        k: v for k, v in expected.items() if k not in unlike
+    }
+    assert error["type"] == "model_loading" and error["model"] == "alpha"
+    [exc] = raised
+    assert CUT_MESSAGE.fullmatch(exc.message), exc.message
+    assert isinstance(exc.body, dict) and exc.body["code"] == "model_switching_in_progress"
+
+
+async def test_a_switch_cutting_a_held_stream_after_its_answer_started_aborts_it() -> None:
+    """The model's stream had started: the client's stream breaks off, with no error event and
+    no `[DONE]`, never a clean end passed off as the whole answer."""
+    first = (
+        b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","model":"alpha",'
+        b'"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}\n\n'
+    )
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+    prelude = head + b"\r\n" + b"".join(chunked(first, 64)[:-1])  # no last-chunk
+    ends: list[str] = []
+    body = bytearray()
+    with anyio.fail_after(20):
+        async with cut_stack(prelude, ends) as stack:
+            before = Snapshot.take()
+            async with (
+                httpx.AsyncClient(timeout=15) as http,
+                http.stream(
+                    "POST", stack.url + "/v1/chat/completions", json=chat("alpha", stream=True)
+                ) as response,
+            ):
+                assert response.status_code == 200
+                chunks = response.aiter_raw()
+                while first not in body:  # the comments of the load, then the model's stream
+                    body += await chunks.__anext__()
+                await switch_to_beta(stack)
+                with pytest.raises(httpx.RemoteProtocolError):
+                    async for chunk in chunks:
+                        body += chunk
+            await after_the_switch(stack, before)
+
+    assert ends == ["closed"]
+    assert body.endswith(first), bytes(body[-300:])  # nothing of ours after the model's bytes
+    assert b"[DONE]" not in body and b'"error"' not in body
 
 
 # --- what does not change ----------------------------------------------------------------------
