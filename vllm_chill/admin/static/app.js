@@ -183,7 +183,9 @@ function renderSwitches(switches) {
 function renderEvictions(evictions) {
   const rows = evictions.map((e) => {
     const tr = el("tr");
-    tr.append(el("td", seconds(e.seconds_ago + age()) + " ago"));
+    const when = el("td", seconds(e.seconds_ago) + " ago", "ago");
+    when.dataset.seconds = e.seconds_ago;
+    tr.append(when);
     tr.append(el("td", e.model));
     tr.append(el("td", e.for || "–"));
     tr.append(el("td", e.why));
@@ -215,7 +217,9 @@ function tick() {
       continue;
     }
     const s = Number(node.dataset.seconds) + age();
-    node.textContent = node.classList.contains("elapsed") ? "(" + seconds(s) + ")" : seconds(s);
+    if (node.classList.contains("elapsed")) node.textContent = "(" + seconds(s) + ")";
+    else if (node.classList.contains("ago")) node.textContent = seconds(s) + " ago";
+    else node.textContent = seconds(s);
   }
 }
 setInterval(tick, 250);
