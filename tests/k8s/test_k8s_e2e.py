@@ -21,7 +21,14 @@ from vllm_chill import ModelSwitchMiddleware
 from vllm_chill.backends.kubernetes._backend import K8sDeploymentBackend
 from vllm_chill.registries._kubernetes import CRDRegistry
 
-from .cluster import BASE_ARGS, CRASH_LOOP, Cluster, model_manifest, simulated_cluster
+from .cluster import (
+    BASE_ARGS,
+    CRASH_LOOP,
+    NEVER_READY,
+    Cluster,
+    model_manifest,
+    simulated_cluster,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -29,12 +36,14 @@ MODELS = [
     model_manifest("qwen3-coder-30b-fp8"),
     model_manifest("deepseek-r1-fp8"),
     model_manifest("crashy"),
+    model_manifest("stuck"),
 ]
 
 
 @asynccontextmanager
 async def proxy_on_cluster(**options: Any) -> AsyncIterator[tuple[Cluster, str]]:
-    async with simulated_cluster(models=MODELS, failures={"crashy": CRASH_LOOP}) as cluster:
+    failures = {"crashy": CRASH_LOOP, "stuck": NEVER_READY}
+    async with simulated_cluster(models=MODELS, failures=failures) as cluster:
         backend = K8sDeploymentBackend(
             cluster.api_client,
             namespace=cluster.namespace,
@@ -111,6 +120,28 @@ async def test_crash_loop_fails_in_seconds_with_its_reason_and_scales_to_zero() 
         # Other models still load afterwards.
         r = await http.post("/v1/chat/completions", json=chat("deepseek-r1-fp8", max_tokens=4))
         assert r.status_code == 200 and r.json()["model"] == "deepseek-r1-fp8"
+
+
+async def test_a_load_the_switch_timeout_stops_is_failed_in_the_model_status() -> None:
+    """`kubectl describe` says why: not "scaled to zero" as if nothing had gone wrong."""
+    async with (
+        proxy_on_cluster(max_wait=30, model_switch_timeout=1.5) as (cluster, url),
+        httpx.AsyncClient(base_url=url, timeout=60) as http,
+    ):
+        r = await http.post("/v1/chat/completions", json=chat("stuck", max_tokens=4))
+        assert r.status_code == 503
+        assert "did not become ready within 2s" in r.json()["error"]["message"]
+        await cluster.wait_for(lambda: cluster.model_status("stuck").get("phase") == "Failed")
+        await cluster.wait_for(lambda: cluster.replicas() == 0)
+        status = cluster.model_status("stuck")
+        assert "the load was stopped (--model-switch-timeout)" in status["message"]
+        switch = status["lastSwitch"]
+        assert switch["result"] == "failure" and switch["reason"] == status["message"]
+        assert switch["durationSeconds"] >= 1.5
+        # It stays Failed (the unload does not overwrite it), and others still load.
+        r = await http.post("/v1/chat/completions", json=chat("deepseek-r1-fp8", max_tokens=4))
+        assert r.status_code == 200
+        assert cluster.model_status("stuck")["phase"] == "Failed"
 
 
 async def test_idle_scales_the_deployment_to_zero_and_a_request_wakes_it() -> None:

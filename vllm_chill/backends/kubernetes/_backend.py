@@ -205,6 +205,9 @@ class K8sDeploymentBackend:
         self._current_switch: Switch | None = None
         #: Other proxies' switches seen rolled out but unconfirmed: hash -> monotonic time.
         self._confirming: dict[str, float] = {}
+        #: A load cut short by its caller (the scheduler's --model-switch-timeout), and after
+        #: how long: the unload that follows says so in the model's status.
+        self._stopped_load: tuple[VLLMModel, float] | None = None
 
     def __repr__(self) -> str:  # the upstream key never reaches a log through a repr
         return (
@@ -286,6 +289,7 @@ class K8sDeploymentBackend:
         self._loaded_hash = None
         self._loading = True
         self._failed.discard(model.name)
+        self._stopped_load = None
         self._pending.reset()
         self._current_switch = Switch()
         started = time.monotonic()
@@ -294,6 +298,9 @@ class K8sDeploymentBackend:
         except LoadError as exc:
             if model.name not in self._failed:  # not reported by `_fail` (refused, changed...)
                 self._mark_failed(model, exc.reason)
+            raise
+        except anyio.get_cancelled_exc_class():
+            self._stopped_load = (model, time.monotonic() - started)
             raise
         finally:
             self._loading = False
@@ -317,6 +324,7 @@ class K8sDeploymentBackend:
         self._require_started()
         self._loaded = None
         self._loaded_hash = None
+        stopped, self._stopped_load = self._stopped_load, None
         deployment, scaled = await self._scale_to_zero(
             only_if_hash=None, strict=True, yield_to_others=True
         )
@@ -324,7 +332,17 @@ class K8sDeploymentBackend:
             # Already at zero (a failed load scaled it down): nothing changed, and the
             # model's `Failed` status must stay as it is.
             name = active_model_name(deployment)
-            if name and name not in self._failed:
+            if stopped is not None and name == stopped[0].name and name not in self._failed:
+                # The scheduler gave up on its load (a proxy that stops does not unload).
+                model, took = stopped
+                reason = (
+                    f"not ready after {took:.0f}s: the load was stopped (--model-switch-timeout)"
+                )
+                self._mark_failed(model, reason)
+                self._event(
+                    "ModelLoadFailed", f"{model.served_model_name}: {reason}", type_="Warning"
+                )
+            elif name and name not in self._failed:
                 self._reporter.model_status(name, "Unloaded", "scaled to zero")
             self._event("ScaledToZero", "scaled the vLLM Deployment to zero")
 
