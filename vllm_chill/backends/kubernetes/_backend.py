@@ -334,13 +334,13 @@ class K8sDeploymentBackend:
             name = active_model_name(deployment)
             if stopped is not None and name == stopped[0].name and name not in self._failed:
                 # The scheduler gave up on its load (a proxy that stops does not unload).
-                model, took = stopped
+                stuck, took = stopped
                 reason = (
                     f"not ready after {took:.0f}s: the load was stopped (--model-switch-timeout)"
                 )
-                self._mark_failed(model, reason)
+                self._mark_failed(stuck, reason)
                 self._event(
-                    "ModelLoadFailed", f"{model.served_model_name}: {reason}", type_="Warning"
+                    "ModelLoadFailed", f"{stuck.served_model_name}: {reason}", type_="Warning"
                 )
             elif name and name not in self._failed:
                 self._reporter.model_status(name, "Unloaded", "scaled to zero")
