@@ -278,6 +278,7 @@ def exported_by_metrics() -> dict[str, frozenset[str]]:
     metrics.set_active({"a"}, {"a", "b"}, ["a", "b"])
     metrics.evictions.labels("idle, least recently used").inc()
     metrics.scale_events.labels("up", "request").inc()
+    metrics.refusals.labels("m", "model_switching_in_progress").inc()
     exported: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
         assert family.samples, f"{family.name}: drive it above so that it has samples"

@@ -391,6 +391,18 @@ async def test_metrics_count_requests_and_switches() -> None:
         assert 'vllm_chill_active_model{model="beta"} 1.0' in text
 
 
+async def test_metrics_say_why_vllm_chill_answered_a_request_itself() -> None:
+    async with stack(max_wait=0) as s:
+        r = await s.http.post(s.url + "/v1/chat/completions", json=chat("alpha"))
+        assert r.status_code == 503
+        text = (await s.http.get(s.url + "/metrics")).text
+        assert (
+            'vllm_chill_refusals_total{code="model_switching_in_progress",model="alpha"} 1.0'
+            in text
+        )
+        assert 'vllm_chill_requests_total{model="alpha",status="503"} 1.0' in text
+
+
 # --- load and races -------------------------------------------------------------------------
 
 

@@ -719,6 +719,7 @@ class ModelSwitchMiddleware:
 
     async def _refused(self, send: Send, refused: Refused) -> None:
         """Every refusal of the switcher, answered the one way."""
+        self.metrics.refusals.labels(refused.model, refused.code).inc()
         await error_response(
             send,
             refused.status,

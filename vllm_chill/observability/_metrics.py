@@ -83,9 +83,18 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.refusals = Counter(
+            "vllm_chill_refusals",
+            "Requests vllm-chill answered itself instead of the model (503 while it loads or "
+            "waits for its turn, after a failed load, with too many waiting; while starting or "
+            "stopping), by model and error code.",
+            ["model", "code"],
+            registry=r,
+        )
         self.resident = Gauge(
             "vllm_chill_model_resident",
-            "1 for each model holding GPU capacity (loading, ready, draining or unloading).",
+            "1 for each model holding GPU capacity (loading, ready, draining, asleep or "
+            "unloading).",
             ["model"],
             registry=r,
         )
