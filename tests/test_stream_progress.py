@@ -141,6 +141,26 @@ async def sim_stack(load_time: float, **options: Any) -> AsyncIterator[Stack]:
         yield stack
 
 
+async def raw_and_openai(
+    stack: Stack, body: dict[str, Any]
+) -> tuple[Received, tuple[str, list[str]]]:
+    """Two clients held for the same load at once: a raw stream (its arrival times) and the
+    official client (what it makes of the stream)."""
+    raw: list[Received] = []
+    read: list[tuple[str, list[str]]] = []
+
+    async def by_raw() -> None:
+        raw.append(await stream_raw(stack.url, "/v1/chat/completions", {**body, "stream": True}))
+
+    async def by_openai() -> None:
+        read.append(await openai_stream(stack, **body))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(by_raw)
+        tg.start_soon(by_openai)
+    return raw[0], read[0]
+
+
 def assert_regular(received: Received) -> None:
     assert received.status == 200
     assert received.head_at < INTERVAL, received.head_at  # answered at once, not after the load
@@ -156,23 +176,9 @@ async def test_a_held_stream_gets_bytes_every_interval_then_the_models_stream() 
     body = chat("alpha", max_tokens=8)
     with anyio.fail_after(40):
         async with sim_stack(load) as stack:
-            raw: list[Received] = []
-            read: list[tuple[str, list[str]]] = []
-
-            async def by_raw() -> None:
-                raw.append(
-                    await stream_raw(stack.url, "/v1/chat/completions", {**body, "stream": True})
-                )
-
-            async def by_openai() -> None:
-                read.append(await openai_stream(stack, **body))
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(by_raw)
-                tg.start_soon(by_openai)
+            received, read = await raw_and_openai(stack, body)
             expected = await whole_answer(stack, body)
 
-    received = raw[0]
     assert received.headers["content-type"] == "text/event-stream; charset=utf-8"
     assert received.headers["cache-control"] == "no-cache"
     assert received.headers["x-accel-buffering"] == "no"
@@ -185,7 +191,7 @@ async def test_a_held_stream_gets_bytes_every_interval_then_the_models_stream() 
     assert any("waiting for /health" in c for c in comments), comments
     assert content_of(received.data()) == expected
     # The official client reads the same stream as a normal one.
-    assert read == [(expected, [])]
+    assert read == (expected, [])
     assert expected
 
 
@@ -208,29 +214,15 @@ async def test_the_loading_note_is_reasoning_content_the_openai_client_parses() 
     body = chat("alpha", max_tokens=8)
     with anyio.fail_after(30):
         async with sim_stack(3.0, stream_loading_note=True) as stack:
-            raw: list[Received] = []
-            read: list[tuple[str, list[str]]] = []
-
-            async def by_raw() -> None:
-                raw.append(
-                    await stream_raw(stack.url, "/v1/chat/completions", {**body, "stream": True})
-                )
-
-            async def by_openai() -> None:
-                read.append(await openai_stream(stack, **body))
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(by_raw)
-                tg.start_soon(by_openai)
+            received, read = await raw_and_openai(stack, body)
             expected = await whole_answer(stack, body)
 
-    [(content, reasoning)] = read
+    content, reasoning = read
     assert content == expected
     assert reasoning, "no loading note"
     assert all(
         r.startswith("Loading model alpha\u2026 (") and r.endswith("s)\n") for r in reasoning
     )
-    received = raw[0]
     assert_regular(received)
     notes = [json.loads(d) for d in received.data() if "chatcmpl-loading-" in d]
     assert notes and all(n["object"] == "chat.completion.chunk" for n in notes)
